@@ -1,0 +1,314 @@
+"""AdamW-PMA and Lion-PMA: thin ``torch.optim.Optimizer`` classes around :mod:`pma_dist.functional`.
+
+Step counting. Each param group holds one counter, ``group["step"]`` (a plain int, so it travels
+with ``state_dict()["param_groups"]``); a step of the group advances it by one and every tensor
+updated in that step is updated with the group's phase, so a tensor that had no gradient for a
+while is still in phase when it gets one again. Each tensor's state also records ``state["step"]``
+(a 0-d fp32 tensor, as in ``torch.optim.AdamW``) for tools that read per-parameter state, such as
+DeepSpeed's universal checkpoints; when an optimizer is first stepped after state was written
+behind its back, the group counter is reconciled with the largest per-tensor step.
+
+Integrations whose wrappers call ``step()`` in unusual ways use two context managers:
+:meth:`PMAOptimizer.setup_steps` (calls only materialise state: DeepSpeed's setup steps with zero
+gradients) and :meth:`PMAOptimizer.one_logical_step` (several calls advance each group at most
+once: ZeRO-3 steps once per sub-group).
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .schedule import VARIANTS, PMAPhase
+
+__all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
+
+
+def _as_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {name}: {value!r} (must be a real number)") from None
+
+
+def _check_lr(lr) -> None:
+    if not _as_float("learning rate", lr) >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid learning rate: lr={lr!r} (must be >= 0)")
+
+
+def _check_betas(betas) -> None:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))") from None
+    for i, b in enumerate((b1, b2)):
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"Invalid beta{i + 1}: {b!r} in betas={betas!r} (each must be in [0, 1))")
+
+
+def _check_period(period) -> None:
+    if isinstance(period, bool) or not isinstance(period, numbers.Integral):
+        raise TypeError(f"Invalid period: {period!r} (must be a positive int, the PMA period K)")
+    if period < 1:
+        raise ValueError(f"Invalid period: {period!r} (must be a positive int, the PMA period K)")
+
+
+def _check_weight_decay(weight_decay) -> None:
+    if not _as_float("weight_decay", weight_decay) >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+
+
+def _check_eps(eps) -> None:
+    if not _as_float("eps", eps) > 0.0:
+        raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
+
+
+def _check_variant(variant) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r} (expected one of {', '.join(map(repr, VARIANTS))})")
+
+
+class PMAOptimizer(torch.optim.Optimizer):
+    """Shared machinery of the PMA optimizers: validation, the per-group clock, state, dispatch."""
+
+    #: names of the moment buffers in ``self.state[p]``, in the order the update functions take them
+    moment_names: Tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, foreach: Optional[bool]):
+        defaults = dict(defaults, foreach=foreach)
+        self._setup_depth = 0
+        self._logical_step_start: Optional[Dict[int, int]] = None
+        self._clock_reconciled = False
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("step", 0)
+        self._validate_group(group)
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise TypeError(
+                    f"{type(self).__name__} does not support complex parameters "
+                    f"(got a {p.dtype} tensor of shape {tuple(p.shape)}); view it as real with torch.view_as_real"
+                )
+
+    # ------------------------------------------------------------------ clock
+    @contextlib.contextmanager
+    def setup_steps(self) -> Iterator[None]:
+        """``step()`` calls inside create missing state but change no parameter, moment or counter."""
+        self._setup_depth += 1
+        try:
+            yield
+        finally:
+            self._setup_depth -= 1
+
+    @contextlib.contextmanager
+    def one_logical_step(self) -> Iterator[None]:
+        """All ``step()`` calls inside count as one step of each group (ZeRO-3 steps per sub-group)."""
+        outer = self._logical_step_start is None
+        if outer:
+            self._logical_step_start = {}
+        try:
+            yield
+        finally:
+            if outer:
+                self._logical_step_start = None
+
+    def _next_step(self, group: dict) -> int:
+        if self._logical_step_start is None:
+            return group["step"] + 1
+        return self._logical_step_start.setdefault(id(group), group["step"]) + 1
+
+    def _reconcile_clock(self) -> None:
+        """Adopt per-tensor steps written without ``load_state_dict`` (e.g. a universal checkpoint)."""
+        for group in self.param_groups:
+            steps = [int(self.state[p]["step"]) for p in group["params"] if "step" in self.state.get(p, {})]
+            if steps:
+                group["step"] = max([group["step"]] + steps)
+        self._clock_reconciled = True
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("step", 0)
+        self._reconcile_clock()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: Tensor, step: int) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            for name in self.moment_names:
+                state[name] = torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format)
+        return state
+
+    def _collect(self, group: dict, step_before: int) -> Tuple[List[Tensor], List[Tensor], List[List[Tensor]]]:
+        params, grads = [], []
+        moments: List[List[Tensor]] = [[] for _ in self.moment_names]
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter {index} of its group, shape {tuple(p.shape)}, layout {p.grad.layout})"
+                )
+            state = self._init_state(p, step_before)
+            params.append(p)
+            grads.append(p.grad)
+            for bucket, name in zip(moments, self.moment_names):
+                bucket.append(state[name])
+        return params, grads, moments
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._clock_reconciled:
+            self._reconcile_clock()
+
+        for group in self.param_groups:
+            t = self._next_step(group)
+            params, grads, moments = self._collect(group, t - 1)
+            if not params or self._setup_depth:
+                continue
+            phase = PMAPhase(step=t, period=group["period"])
+            if group["foreach"] is False:
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    self._update_tensor(p, g, [m[i] for m in moments], phase, group)
+            else:
+                for p, g, *ms in _group_by_device_and_dtype(params, grads, *moments):
+                    self._update_foreach(p, g, ms, phase, group)
+            step_tensor = torch.tensor(float(t), dtype=torch.float32)
+            for p in params:
+                self.state[p]["step"].copy_(step_tensor)
+            group["step"] = t
+        return loss
+
+    def _update_tensor(self, p: Tensor, g: Tensor, moments: List[Tensor], phase: PMAPhase, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update_foreach(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
+        raise NotImplementedError
+
+
+def _group_by_device_and_dtype(*lists: List[Tensor]):
+    """Split parallel lists into buckets whose first list shares one (device, dtype)."""
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[List[Tensor]]] = {}
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        bucket = buckets.setdefault(key, [[] for _ in lists])
+        for column, item in zip(bucket, items):
+            column.append(item)
+    return list(buckets.values())
+
+
+class AdamWPMA(PMAOptimizer):
+    """AdamW with periodical moving average (PMA) of the moments; steps on every micro-batch.
+
+    Args:
+        params: iterable of parameters or param-group dicts (each group may override any default).
+        lr: learning rate of the large steps; small steps use ``lr / sqrt(period)``.
+        betas: EMA coefficients of the first and second moment across periods.
+        eps: added to the denominator (honoured by both variants).
+        weight_decay: decoupled weight decay, scaled like the step's learning rate.
+        period: K, the number of micro-steps per period (what gradient accumulation would call K).
+        variant: ``"reference"`` (the authors' released code, the default for now) or ``"paper"``
+            (the printed algorithm; K = 1 is exactly ``torch.optim.AdamW``). See ``docs/math.md``.
+        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+    """
+
+    moment_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        period: int = 8,
+        variant: str = "reference",
+        *,
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, period=period, variant=variant)
+        super().__init__(params, defaults, foreach)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_lr(group["lr"])
+        _check_betas(group["betas"])
+        _check_eps(group["eps"])
+        _check_weight_decay(group["weight_decay"])
+        _check_period(group["period"])
+        _check_variant(group["variant"])
+
+    def _hyper(self, group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), variant=group["variant"])
+
+    def _update_tensor(self, p, g, moments, phase, group):
+        F.adamw_pma_tensor(p, g, *moments, phase=phase, **self._hyper(group))
+
+    def _update_foreach(self, ps, gs, moments, phase, group):
+        F.adamw_pma_foreach(ps, gs, *moments, phase=phase, **self._hyper(group))
+
+
+class LionPMA(PMAOptimizer):
+    """Lion with periodical moving average (PMA) of the momentum; steps on every micro-batch.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate of the large steps; small steps move by ``lr / period``.
+        betas: ``beta1`` interpolates the update direction, ``beta2`` the momentum across periods.
+        weight_decay: decoupled weight decay, applied with the full lr on every step.
+        period: K, the number of micro-steps per period.
+        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+    """
+
+    moment_names = ("exp_avg",)
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: Tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        period: int = 8,
+        *,
+        foreach: Optional[bool] = None,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        weight_decay=weight_decay, period=period)
+        super().__init__(params, defaults, foreach)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_lr(group["lr"])
+        _check_betas(group["betas"])
+        _check_weight_decay(group["weight_decay"])
+        _check_period(group["period"])
+
+    def _hyper(self, group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                    weight_decay=float(group["weight_decay"]))
+
+    def _update_tensor(self, p, g, moments, phase, group):
+        F.lion_pma_tensor(p, g, *moments, phase=phase, **self._hyper(group))
+
+    def _update_foreach(self, ps, gs, moments, phase, group):
+        F.lion_pma_foreach(ps, gs, *moments, phase=phase, **self._hyper(group))
