@@ -1,0 +1,92 @@
+"""Run a worker script on several local ranks (gloo, CPU) with a hard timeout.
+
+Multi-process tests write a small worker under ``tests/workers/`` and call :func:`run_ranks`. The
+worker is started by a real launcher (``torchrun`` by default, or ``deepspeed`` / ``mpirun``), so the
+tests exercise the same entry points users do.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def launcher_command(launcher: str, nproc: int, script: Path, port: int) -> list:
+    bindir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    if launcher == "deepspeed":
+        return [str(bindir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", str(script)]
+    if launcher == "mpirun":
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
+        return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(nproc),
+                "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", sys.executable, str(script)]
+    raise ValueError(f"unknown launcher {launcher!r}")
+
+
+def run_ranks(script, args: Iterable[str] = (), *, nproc: int = 2, launcher: str = "torchrun",
+              timeout: float = 300, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``nproc`` ranks; fail the test on timeout or (with ``check``) non-zero exit."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = WORKERS / script
+    port = free_port()
+    cmd = launcher_command(launcher, nproc, script, port) + [str(a) for a in args]
+    run_env = rank_env(env)
+    run_env.setdefault("MASTER_PORT", str(port))
+    popen = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)  # the launcher's children share its session
+        stdout, stderr = popen.communicate()
+        pytest.fail(f"{launcher} run of {script.name} timed out after {timeout}s\n"
+                    f"stdout:\n{stdout[-6000:]}\nstderr:\n{stderr[-6000:]}")
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{launcher} run of {script.name} exited {proc.returncode}\n"
+                    f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def require_shared_data(*relative: str) -> Path:
+    """Path into ``../shared/data``; skip the test with the reason when it is missing."""
+    path = SHARED_DATA.joinpath(*relative)
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (this test reads the real data next to the repo)")
+    return path
