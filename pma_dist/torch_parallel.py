@@ -1,0 +1,330 @@
+"""PMA under PyTorch's own data parallelism: FSDP2 (``fully_shard``) and DDP.
+
+The whole API is one function and one object::
+
+    import torch.distributed as dist
+    from pma_dist.torch_parallel import setup
+
+    trainer = setup(model, backend="fsdp",            # or "ddp"
+                    optimizer="adamw_pma",            # "lion_pma", or the GA baselines "adamw", "lion"
+                    optimizer_kwargs=dict(lr=2e-5, betas=(0.9, 0.95)),
+                    period=8)                         # PMA period K, or the GA accumulation steps
+    for batch in loader:                              # one micro-batch per call, per rank
+        trainer.micro_step(lambda model: model(**batch).loss)
+    trainer.save("ckpt/step-100")                     # torch.distributed.checkpoint, sharded
+    trainer.load("ckpt/step-100")                     # resume continues bit-identically
+
+``micro_step`` does the right thing for the optimizer family:
+
+* PMA (``adamw_pma``, ``lion_pma``): gradients are synchronised and the optimizer steps on *every*
+  micro-batch; ``period`` is the optimizer's K. There is no communication saving to be had here:
+  the PMA update at micro-step t needs the all-rank mean gradient of micro-step t.
+* GA baselines (``adamw`` = ``torch.optim.AdamW``, ``lion`` = Lion, i.e. ``LionPMA`` with K = 1,
+  which is Lion exactly): the loss is divided by ``period`` and gradients accumulate over
+  ``period`` micro-batches; only the last one synchronises (FSDP2
+  ``set_requires_gradient_sync(False)`` before the others, DDP ``no_sync()``) and then the
+  optimizer steps. This is the "AdamW-K" baseline of the paper.
+
+The process group must exist before ``setup`` (``torchrun`` + ``dist.init_process_group``, or
+:func:`init_process_group` here, which picks the backend and device through DeepSpeed's accelerator
+API so the same code runs on CUDA/NCCL and on CPU/gloo).
+
+Step counting lives in the optimizers (:mod:`pma_dist.optim`); this module only decides when to
+synchronise and when to step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .optim import AdamWPMA, LionPMA, PMAOptimizer
+
+__all__ = ["BACKENDS", "OPTIMIZERS", "ParallelTrainer", "init_process_group", "setup"]
+
+BACKENDS = ("fsdp", "ddp")
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    build: Callable[..., torch.optim.Optimizer]
+    uses_pma: bool  # True: step every micro-batch with K = period; False: accumulate `period` micro-batches
+
+
+def _build_adamw_pma(params, period, **kwargs):
+    return AdamWPMA(params, period=period, **kwargs)
+
+
+def _build_lion_pma(params, period, **kwargs):
+    return LionPMA(params, period=period, **kwargs)
+
+
+def _build_adamw(params, period, **kwargs):
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _build_lion(params, period, **kwargs):
+    # Lion-PMA with K = 1 is Lion bit for bit (docs/math.md), so the baseline shares its code.
+    return LionPMA(params, period=1, **kwargs)
+
+
+OPTIMIZERS: Dict[str, OptimizerChoice] = {
+    "adamw_pma": OptimizerChoice(_build_adamw_pma, uses_pma=True),
+    "lion_pma": OptimizerChoice(_build_lion_pma, uses_pma=True),
+    "adamw": OptimizerChoice(_build_adamw, uses_pma=False),
+    "lion": OptimizerChoice(_build_lion, uses_pma=False),
+}
+
+
+def _accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def init_process_group() -> None:
+    """Join the job started by ``torchrun`` (env://) with the accelerator's backend (NCCL, gloo, ...)."""
+    if dist.is_initialized():
+        return
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"cannot join a distributed job: environment variable(s) {', '.join(missing)} not set; "
+            "start the script with torchrun (or set them yourself)"
+        )
+    accelerator = _accelerator()
+    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=accelerator.communication_backend_name())
+
+
+@dataclass
+class MicroStepResult:
+    loss: Tensor  # the unscaled micro-batch loss, detached
+    optimizer_stepped: bool
+    micro_step: int  # micro-steps done so far, this one included
+
+
+class ParallelTrainer:
+    """A model wrapped by FSDP2 or DDP, its optimizer, and the micro-step loop; build it with :func:`setup`."""
+
+    def __init__(self, model: nn.Module, backend: str, optimizer_name: str, optimizer: torch.optim.Optimizer,
+                 period: int, *, lr_scheduler=None, max_grad_norm: float = 0.0,
+                 fsdp_units: Sequence[nn.Module] = ()):
+        self.model = model
+        self.backend = backend
+        self.optimizer_name = optimizer_name
+        self.optimizer = optimizer
+        self.period = period
+        self.uses_pma = OPTIMIZERS[optimizer_name].uses_pma
+        self.lr_scheduler = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.fsdp_units = list(fsdp_units)
+        self.micro_steps = 0
+
+    # ------------------------------------------------------------------ training
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step: 1 under PMA, ``period`` for the GA baselines."""
+        return 1 if self.uses_pma else self.period
+
+    def is_sync_step(self, micro_step: Optional[int] = None) -> bool:
+        """Whether micro-step ``micro_step`` (0-based; default: the next one) synchronises gradients and steps."""
+        index = self.micro_steps if micro_step is None else micro_step
+        return (index + 1) % self.accumulation_steps == 0
+
+    def micro_step(self, loss_fn: Callable[[nn.Module], Tensor]) -> MicroStepResult:
+        """Forward+backward of one micro-batch via ``loss_fn(model)``; synchronise and step when due."""
+        sync = self.is_sync_step()
+        with self._gradient_sync(sync):
+            loss = loss_fn(self.model)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar loss tensor, got {_describe(loss)}")
+            (loss / self.accumulation_steps).backward()
+        if sync:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        self.micro_steps += 1
+        return MicroStepResult(loss.detach(), sync, self.micro_steps)
+
+    def _gradient_sync(self, sync: bool):
+        if self.backend == "fsdp":
+            # Off also skips the reduce-scatter; FSDP2 keeps unsharded gradients until the sync step.
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.model.no_sync()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Sharded model + optimizer state (DTensors under FSDP2), in the layout DCP saves and loads."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # DCP materialises missing optimizer state by calling step() with zero gradients and lr 0;
+        # for a PMA optimizer that would still advance the period clock and decay the moments.
+        with self._setup_steps():
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "trainer": self._trainer_state()}
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return state
+
+    def save(self, directory) -> None:
+        """Write a DCP checkpoint (one shard file per rank) to ``directory``; call on every rank."""
+        import torch.distributed.checkpoint as dcp
+
+        if not self.is_at_boundary():
+            raise RuntimeError(
+                f"cannot checkpoint {self.optimizer_name} in the middle of gradient accumulation "
+                f"(micro-step {self.micro_steps} of a {self.accumulation_steps}-micro-step accumulation): "
+                "accumulated gradients are not saved; save after a micro-step whose optimizer_stepped is True"
+            )
+        dcp.save(self.state_dict(), checkpoint_id=str(directory))
+
+    def load(self, directory) -> None:
+        """Restore a checkpoint written by :meth:`save` (any world size, FSDP2 or DDP); call on every rank."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not os.path.isdir(directory) or not os.path.exists(os.path.join(directory, ".metadata")):
+            raise FileNotFoundError(f"no DCP checkpoint at {str(directory)!r} (expected a directory with .metadata)")
+        state = self.state_dict()
+        dcp.load(state, checkpoint_id=str(directory))
+        self._check_trainer_state(state["trainer"], directory)
+        with self._setup_steps():
+            set_state_dict(self.model, self.optimizer,
+                           model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.lr_scheduler is not None:
+            if "lr_scheduler" not in state:
+                raise ValueError(f"checkpoint {str(directory)!r} has no lr_scheduler state but this trainer has one")
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.micro_steps = int(state["trainer"]["micro_steps"])
+
+    def is_at_boundary(self) -> bool:
+        return self.micro_steps % self.accumulation_steps == 0
+
+    def _setup_steps(self):
+        if isinstance(self.optimizer, PMAOptimizer):
+            return self.optimizer.setup_steps()
+        return contextlib.nullcontext()
+
+    def _trainer_state(self) -> dict:
+        return {"micro_steps": self.micro_steps, "optimizer": self.optimizer_name, "period": self.period}
+
+    def _check_trainer_state(self, saved: dict, directory) -> None:
+        for key in ("optimizer", "period"):
+            if saved[key] != getattr(self, "optimizer_name" if key == "optimizer" else key):
+                mine = self._trainer_state()
+                raise ValueError(
+                    f"checkpoint {str(directory)!r} was written with optimizer={saved['optimizer']!r}, "
+                    f"period={saved['period']!r}; this trainer has optimizer={mine['optimizer']!r}, "
+                    f"period={mine['period']!r}"
+                )
+
+
+def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimizer_kwargs: Optional[dict] = None,
+          period: int = 8, *, lr_scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+          max_grad_norm: float = 0.0, fsdp_units: Optional[Iterable[nn.Module]] = None,
+          fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None) -> ParallelTrainer:
+    """Wrap ``model`` for data parallelism and build its optimizer.
+
+    Args:
+        model: a plain ``nn.Module`` (same initial weights on every rank; DDP broadcasts rank 0's,
+            FSDP2 keeps each rank's shard of its own copy).
+        backend: ``"fsdp"`` (FSDP2 ``fully_shard``) or ``"ddp"``.
+        optimizer: ``"adamw_pma"``, ``"lion_pma"`` (step every micro-batch) or the GA baselines
+            ``"adamw"``, ``"lion"`` (step every ``period`` micro-batches).
+        optimizer_kwargs: hyper-parameters of the optimizer (lr, betas, weight_decay, ...; not ``period``).
+        period: PMA period K, or the baselines' gradient-accumulation steps: the same K on both sides.
+        lr_scheduler: ``optimizer -> scheduler``; stepped after every optimizer step and checkpointed.
+        max_grad_norm: clip the global gradient norm before every optimizer step (0 = off).
+        fsdp_units: modules that get their own ``fully_shard`` (one all-gather each); default: the
+            classes named by the model's ``_no_split_modules`` (Hugging Face), else the root's
+            direct children that hold parameters. The root is always sharded last.
+        fsdp_kwargs / ddp_kwargs: passed to ``fully_shard`` / ``DistributedDataParallel``.
+    """
+    _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm,
+                    fsdp_kwargs if backend == "fsdp" else ddp_kwargs, "fsdp_kwargs" if backend == "fsdp" else "ddp_kwargs")
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call pma_dist.torch_parallel.init_process_group() "
+                           "(or dist.init_process_group) under torchrun before setup()")
+    units: List[nn.Module] = []
+    if backend == "fsdp":
+        units = _fsdp_units(model) if fsdp_units is None else list(fsdp_units)
+        wrapped = _wrap_fsdp(model, units, dict(fsdp_kwargs or {}))
+    else:
+        wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
+    built = OPTIMIZERS[optimizer].build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
+    scheduler = lr_scheduler(built) if lr_scheduler is not None else None
+    return ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
+                           max_grad_norm=float(max_grad_norm), fsdp_units=units)
+
+
+def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm, wrapper_kwargs,
+                    wrapper_kwargs_name) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {_describe(model)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))} "
+                         "(DeepSpeed runs through pma_dist's DeepSpeed integration instead)")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(map(repr, OPTIMIZERS))}")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be a positive int (the PMA period K / GA accumulation steps), got {period!r}")
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+        raise TypeError(f"optimizer_kwargs must be a dict, got {_describe(optimizer_kwargs)}")
+    if optimizer_kwargs and "period" in optimizer_kwargs:
+        raise ValueError(f"pass the period as setup(period=...), not in optimizer_kwargs "
+                         f"(got optimizer_kwargs period={optimizer_kwargs['period']!r})")
+    if wrapper_kwargs is not None and not isinstance(wrapper_kwargs, dict):
+        raise TypeError(f"{wrapper_kwargs_name} must be a dict, got {_describe(wrapper_kwargs)}")
+    try:
+        clip = float(max_grad_norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_grad_norm must be a number, got {max_grad_norm!r}") from None
+    if not clip >= 0:
+        raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm!r}")
+
+
+def _fsdp_units(model: nn.Module) -> List[nn.Module]:
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    if block_classes:
+        return [m for m in model.modules() if type(m).__name__ in block_classes]
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+def _wrap_fsdp(model: nn.Module, units: List[nn.Module], fsdp_kwargs: dict) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = fsdp_kwargs.pop("mesh", None)
+    if mesh is None:
+        mesh = init_device_mesh(_accelerator().device_name(), (dist.get_world_size(),))
+    for unit in units:
+        if unit is model:
+            raise ValueError("fsdp_units must not contain the root model itself (it is always sharded last)")
+        fully_shard(unit, mesh=mesh, **fsdp_kwargs)
+    return fully_shard(model, mesh=mesh, **fsdp_kwargs)
+
+
+def _wrap_ddp(model: nn.Module, ddp_kwargs: dict) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    accelerator = _accelerator()
+    model = model.to(accelerator.current_device_name())
+    if accelerator.device_name() != "cpu" and "device_ids" not in ddp_kwargs:
+        ddp_kwargs["device_ids"] = [accelerator.current_device()]
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
