@@ -1,0 +1,341 @@
+"""The communication ledger: one accounting layer under DeepSpeed, FSDP2, DDP and user code.
+
+Every ``torch.distributed`` collective is a Python function in ``torch.distributed.distributed_c10d``,
+re-exported as ``torch.distributed.<name>``. DeepSpeed's ``deepspeed.comm`` calls those functions (some
+through references it captured at start-up), FSDP2 calls ``dist.all_gather_single`` /
+``dist.reduce_scatter_single`` / ``dist.all_reduce`` as module attributes, user code calls either
+spelling. Replacing the functions in both modules therefore sees all of them. DDP's reducer is C++ and
+never calls Python collectives; :meth:`CommLedger.ddp_comm_hook` routes its bucket all-reduces through
+the patched ``all_reduce`` so they are seen too.
+
+Each collective is counted once: torch's own wrappers call each other (``all_gather_into_tensor`` ->
+``all_gather_single``, ``reduce_scatter_tensor`` -> ``reduce_scatter_single``) and deepspeed.comm calls
+torch, so a thread-local depth counter lets only the outermost patched call record.
+
+Bytes follow the nccl-tests convention, the logical message and not the wire traffic: the full buffer,
+i.e. all-gather OUTPUT, reduce-scatter INPUT, all-reduce / broadcast / reduce buffer (gloo implements
+reduce-scatter as an all-reduce, which this deliberately does not show). Seconds are the wall time of
+the Python call: for a blocking call the whole collective, for ``async_op=True`` only the time to issue it
+(the wait happens elsewhere, often overlapped with compute).
+
+Nothing is patched until :meth:`CommLedger.install`; with no ledger installed the functions are torch's
+own, so "off" costs nothing. File format: see ``docs/comm_accounting.md``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+FORMAT_VERSION = 1
+PHASES = ("forward", "backward", "step", "other")
+PMA_KINDS = ("small", "large")
+GA_KINDS = ("accumulate", "boundary")
+NO_KIND = "none"
+
+
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+
+def _list_nbytes(tensors) -> int:
+    return sum(_nbytes(t) for t in tensors or ())
+
+
+def _nested_nbytes(lists) -> int:
+    return sum(_list_nbytes(inner) for inner in lists or ())
+
+
+def _group_size(group) -> int:
+    try:
+        return dist.get_world_size(group)
+    except Exception:  # not initialised or not a member: the message size is still the local buffer
+        return 1
+
+
+# torch function name -> (normalised op, argument holding the message, how its bytes are counted).
+# "times_group" sizes a message from one rank's piece when no full buffer is passed (gather/scatter on
+# non-root ranks).
+_COLLECTIVES: Dict[str, Tuple[str, str, str]] = {
+    "all_reduce": ("all_reduce", "tensor", "tensor"),
+    "all_reduce_coalesced": ("all_reduce", "tensors", "list"),
+    "broadcast": ("broadcast", "tensor", "tensor"),
+    "reduce": ("reduce", "tensor", "tensor"),
+    "all_gather": ("all_gather", "tensor_list", "list"),
+    "all_gather_single": ("all_gather", "output_tensor", "tensor"),
+    "all_gather_into_tensor": ("all_gather", "output_tensor", "tensor"),
+    "_all_gather_base": ("all_gather", "output_tensor", "tensor"),
+    "all_gather_coalesced": ("all_gather", "output_tensor_lists", "nested"),
+    "reduce_scatter": ("reduce_scatter", "input_list", "list"),
+    "reduce_scatter_single": ("reduce_scatter", "input", "tensor"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input", "tensor"),
+    "_reduce_scatter_base": ("reduce_scatter", "input", "tensor"),
+    "all_to_all_single": ("all_to_all", "input", "tensor"),
+    "all_to_all": ("all_to_all", "input_tensor_list", "list"),
+    "gather": ("gather", "tensor", "times_group"),
+    "scatter": ("scatter", "tensor", "times_group"),
+    "barrier": ("barrier", "", "none"),
+    "monitored_barrier": ("barrier", "", "none"),
+    "send": ("send", "tensor", "tensor"),
+    "isend": ("send", "tensor", "tensor"),
+    "recv": ("recv", "tensor", "tensor"),
+    "irecv": ("recv", "tensor", "tensor"),
+}
+# Object collectives (all_gather_object, broadcast_object_list, ...) are left alone on purpose: they are
+# built from the tensor collectives above, which count the real messages they send.
+
+_MEASURE = {"tensor": _nbytes, "list": _list_nbytes, "nested": _nested_nbytes}
+
+
+class _Interceptor:
+    """The patched functions, shared by whichever ledger is active (at most one at a time)."""
+
+    def __init__(self):
+        self.originals: Dict[Tuple[object, str], Callable] = {}
+        self.local = threading.local()
+        self.ledger: Optional["CommLedger"] = None
+
+    def install(self, ledger: "CommLedger") -> None:
+        if self.ledger is not None:
+            raise RuntimeError(
+                f"a CommLedger is already installed (output_dir={self.ledger.output_dir!r}); "
+                "close it before installing another")
+        self.ledger = ledger
+        wrapped: Dict[int, Callable] = {}
+        for name, spec in _COLLECTIVES.items():
+            for module in (c10d, dist):
+                original = getattr(module, name, None)
+                if original is None:
+                    continue
+                if id(original) not in wrapped:
+                    wrapped[id(original)] = self._wrap(name, spec, original)
+                self.originals[(module, name)] = original
+                setattr(module, name, wrapped[id(original)])
+
+    def uninstall(self) -> None:
+        for (module, name), original in self.originals.items():
+            setattr(module, name, original)
+        self.originals.clear()
+        self.ledger = None
+
+    def _wrap(self, name: str, spec: Tuple[str, str, str], original: Callable) -> Callable:
+        op, arg_name, how = spec
+        params = list(inspect.signature(original).parameters)
+        arg_index = params.index(arg_name) if arg_name else -1
+        local = self.local
+        interceptor = self
+
+        def counted(*args, **kwargs):
+            depth = getattr(local, "depth", 0)
+            ledger = interceptor.ledger
+            if depth or ledger is None:
+                return original(*args, **kwargs)
+            local.depth = 1
+            try:
+                start = time.perf_counter()
+                result = original(*args, **kwargs)
+                seconds = time.perf_counter() - start
+            finally:
+                local.depth = 0
+            if arg_index < 0:
+                nbytes = 0
+            else:
+                arg = args[arg_index] if arg_index < len(args) else kwargs.get(arg_name)
+                if how == "times_group":
+                    nbytes = _nbytes(arg) * _group_size(kwargs.get("group", args[3] if len(args) > 3 else None))
+                else:
+                    nbytes = _MEASURE[how](arg)
+            ledger.record(op, nbytes, seconds, name)
+            return result
+
+        counted.__wrapped__ = original
+        counted.__name__ = name
+        counted.__doc__ = original.__doc__
+        return counted
+
+
+_INTERCEPTOR = _Interceptor()
+_OPEN_LEDGERS: List["CommLedger"] = []
+
+
+def active_ledger() -> Optional["CommLedger"]:
+    """The installed ledger, or None (then no collective function is patched)."""
+    return _INTERCEPTOR.ledger
+
+
+def close_all() -> None:
+    """Close every open ledger (writes their files). Call before ``os._exit``; safe to call twice."""
+    for ledger in list(_OPEN_LEDGERS):
+        ledger.close()
+
+
+class CommLedger:
+    """Counts collectives per (micro-step, PMA/GA kind, phase, op) and writes ``comm_rank{r}.json``.
+
+    Args:
+        output_dir: folder for ``comm_rank{rank}.json`` (created on first write).
+        meta: run description copied into the file (optimizer, zero_stage, period, world_size, dtype,
+            param_count, param_bytes, backend, ...). ``period`` also sets how often the file is rewritten.
+        keep_calls: also keep every call (op, torch function, bytes, phase, micro-step) in
+            ``"calls"`` — for debugging a model mismatch; off by default (files stay small).
+        write_every: rewrite the file after this many micro-steps (default: the period, else 1).
+    """
+
+    def __init__(self, output_dir: str, meta: Optional[dict] = None, *, keep_calls: bool = False,
+                 write_every: Optional[int] = None):
+        if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+            raise ValueError(f"comm ledger output_dir must be a non-empty path, got {output_dir!r}")
+        self.output_dir = str(output_dir)
+        self.meta = dict(meta or {})
+        period = self.meta.get("period")
+        write_every = write_every if write_every is not None else (period if period else 1)
+        if isinstance(write_every, bool) or not isinstance(write_every, int) or write_every < 1:
+            raise ValueError(f"comm ledger write_every must be a positive int, got {write_every!r}")
+        self.write_every = write_every
+        self.keep_calls = keep_calls
+        self.phase = "other"
+        self.micro_step = -1
+        self.kind = NO_KIND
+        self.micro_steps = 0
+        self.totals: Dict[Tuple[int, str, str, str], List[float]] = defaultdict(lambda: [0, 0, 0.0])
+        self.calls: List[dict] = []
+        self.installed = False
+        self.closed = False
+        self._close_callbacks: List[Callable[["CommLedger"], None]] = []
+        self._lock = threading.Lock()
+
+    # --- switching on and off -------------------------------------------------------------
+    def install(self) -> "CommLedger":
+        if self.closed:
+            raise RuntimeError(f"CommLedger({self.output_dir!r}) is closed; create a new one")
+        if not self.installed:
+            _INTERCEPTOR.install(self)
+            self.installed = True
+            if self not in _OPEN_LEDGERS:
+                _OPEN_LEDGERS.append(self)
+        return self
+
+    def uninstall(self) -> None:
+        if self.installed:
+            _INTERCEPTOR.uninstall()
+            self.installed = False
+
+    def __enter__(self) -> "CommLedger":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- attribution ----------------------------------------------------------------------
+    def mark_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        self.phase = phase
+
+    @contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        previous = self.phase
+        self.mark_phase(phase)
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    def begin_micro_step(self, index: int, kind: str) -> None:
+        """Start micro-step ``index``; ``kind`` is "small"/"large" (PMA) or "accumulate"/"boundary" (GA)."""
+        if kind not in PMA_KINDS + GA_KINDS + (NO_KIND,):
+            raise ValueError(f"unknown micro-step kind {kind!r}; expected one of {PMA_KINDS + GA_KINDS}")
+        self.micro_step = int(index)
+        self.kind = kind
+        self.micro_steps += 1
+
+    def end_micro_step(self) -> None:
+        """Micro-step finished (after the optimizer step): rewrite the file every ``write_every`` steps."""
+        self.phase = "other"
+        if self.micro_steps % self.write_every == 0:
+            self.write()
+
+    def record(self, op: str, nbytes: int, seconds: float, function: str = "") -> None:
+        with self._lock:
+            entry = self.totals[(self.micro_step, self.kind, self.phase, op)]
+            entry[0] += 1
+            entry[1] += nbytes
+            entry[2] += seconds
+            if self.keep_calls:
+                self.calls.append({"micro_step": self.micro_step, "phase": self.phase, "op": op,
+                                   "function": function, "bytes": nbytes})
+
+    # --- DDP ------------------------------------------------------------------------------
+    def ddp_comm_hook(self, process_group=None):
+        """A DDP comm hook (``ddp.register_comm_hook(None, ledger.ddp_comm_hook())``).
+
+        DDP's C++ reducer all-reduces its buckets without calling Python collectives; this hook does
+        the same averaging all-reduce through ``torch.distributed.all_reduce``, so the ledger counts
+        each bucket (phase "backward") exactly like any other collective.
+        """
+        ledger = self
+
+        def allreduce_and_count(_state, bucket):
+            group = process_group if process_group is not None else c10d._get_default_group()
+            buffer = bucket.buffer().div_(dist.get_world_size(group))
+            with ledger.in_phase("backward"):
+                work = dist.all_reduce(buffer, group=group, async_op=True)
+            return work.get_future().then(lambda fut: fut.value()[0])
+
+        return allreduce_and_count
+
+    # --- files ----------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output_dir, f"comm_rank{self.rank}.json")
+
+    def to_dict(self) -> dict:
+        with self._lock:
+            records = [{"micro_step": m, "pma_kind": k, "phase": p, "op": op, "count": int(c),
+                        "bytes": int(b), "seconds": s}
+                       for (m, k, p, op), (c, b, s) in sorted(self.totals.items())]
+            calls = list(self.calls)
+        meta = dict(self.meta, rank=self.rank, micro_steps=self.micro_steps, format_version=FORMAT_VERSION)
+        out = {"meta": meta, "records": records}
+        if self.keep_calls:
+            out["calls"] = calls
+        return out
+
+    def write(self) -> str:
+        """Write ``comm_rank{r}.json`` atomically (a reader never sees half a file)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = self.path
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    def on_close(self, callback: Callable[["CommLedger"], None]) -> None:
+        """Run ``callback(ledger)`` after the final write (e.g. rank 0 writing the run report)."""
+        self._close_callbacks.append(callback)
+
+    def close(self) -> None:
+        """Stop counting, write the file, run the close callbacks. Idempotent."""
+        if self.closed:
+            return
+        self.uninstall()
+        self.closed = True
+        if self in _OPEN_LEDGERS:
+            _OPEN_LEDGERS.remove(self)
+        self.write()
+        for callback in self._close_callbacks:
+            callback(self)

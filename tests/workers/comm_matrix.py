@@ -1,0 +1,124 @@
+"""Run many tiny DeepSpeed configurations in one launch, each under a CommLedger; rank 0 writes JSON.
+
+Usage: comm_matrix.py OUT_JSON RUN_ROOT [--stages 0,1,2,3] [--dtypes fp32,bf16] [--kinds pma,ga]
+       [--period K] [--periods P] [--clip C] [--keep-calls] [--json-config]
+
+For each (stage, dtype, kind) it builds an engine on a small MLP whose sizes do not divide by the world
+size (so partition padding shows), attaches a ledger, runs P periods of K micro-steps, destroys the
+engine (which writes comm_rank{r}.json) and collects every rank's ledger through the files.
+``--json-config`` goes through the DeepSpeed JSON path (optimizer.type "AdamWPMA" + "comm_profile")
+instead of a client optimizer and an explicit ``attach_to_engine``.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import deepspeed
+import deepspeed.comm
+import torch.distributed as dist
+
+import pma_dist
+from pma_dist.comm import attach_to_engine
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 1, bias=False))
+
+
+def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: float) -> dict:
+    gas = period if kind == "ga" else 1
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": 2 * gas * world,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def make_engine(stage, dtype, kind, period, world, clip, run_dir, keep_calls, json_config):
+    model = tiny_model()
+    config = ds_config(stage, dtype, kind, period, world, clip)
+    profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": False}
+    if json_config:
+        name = "AdamWPMA" if kind == "pma" else "AdamW"
+        params = {"lr": 1e-3, "weight_decay": 0.0}
+        if kind == "pma":
+            params["period"] = period
+        config["optimizer"] = {"type": name, "params": params}
+        config["comm_profile"] = profile
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        ledger = getattr(engine, "comm_ledger", None)
+        if ledger is None:  # integration present but not attaching: do it here so the run still counts
+            ledger = attach_to_engine(engine, profile)
+        return engine, ledger
+    if kind == "pma":
+        optimizer = pma_dist.AdamWPMA(model.parameters(), lr=1e-3, weight_decay=0.0, period=period)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, attach_to_engine(engine, profile)
+
+
+def run_one(args, stage, dtype, kind, world):
+    name = f"z{stage}_{dtype}_{kind}"
+    run_dir = os.path.join(args.run_root, name)
+    engine, ledger = make_engine(stage, dtype, kind, args.period, world, args.clip, run_dir, args.keep_calls,
+                                 args.json_config)
+    torch.manual_seed(100 + dist.get_rank())
+    model_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for _ in range(args.periods * args.period):
+        x = torch.randn(2, 5, dtype=model_dtype)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    engine.destroy()
+    dist.barrier()
+    return name, [json.load(open(os.path.join(run_dir, f"comm_rank{r}.json"))) for r in range(world)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("run_root")
+    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--kinds", default="pma,ga")
+    parser.add_argument("--period", type=int, default=2)
+    parser.add_argument("--periods", type=int, default=2)
+    parser.add_argument("--clip", type=float, default=0.0)
+    parser.add_argument("--keep-calls", action="store_true")
+    parser.add_argument("--json-config", action="store_true")
+    args = parser.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = dist.get_world_size()
+    results = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        for dtype in args.dtypes.split(","):
+            for kind in args.kinds.split(","):
+                name, ledgers = run_one(args, stage, dtype, kind, world)
+                results[name] = {"stage": stage, "dtype": dtype, "kind": kind, "ledgers": ledgers}
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world_size": world, "period": args.period, "periods": args.periods,
+                       "clip": args.clip, "results": results}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
