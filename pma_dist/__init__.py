@@ -9,3 +9,4 @@ from .schedule import PMAPhase
 __version__ = "0.1.0"
 
 __all__ = ["AdamWPMA", "LionPMA", "PMAOptimizer", "PMAPhase", "__version__"]
+from .deepspeed_integration import initialize, register_optimizer  # noqa: E402

@@ -1,0 +1,377 @@
+"""PMA optimizers inside DeepSpeed: JSON registration, the GA rule, and DeepSpeed's stepping quirks.
+
+DeepSpeed (tested: 0.19.8) has no optimizer plugin registry: a config ``optimizer.type`` resolves
+only to a DeepSpeed built-in or a ``torch.optim`` attribute, ZeRO refuses optimizers outside its
+list of tested ones, and ZeRO-Offload refuses client optimizers. This module teaches the engine
+class about a small registry instead of asking users to add config keys. When ``deepspeed`` is
+imported (now, or later through an import hook, so ``import pma_dist`` stays cheap), it wraps
+three ``DeepSpeedEngine`` methods:
+
+- ``_is_supported_optimizer``: registered names (case-insensitive) pass the sanity check;
+- ``_configure_basic_optimizer``: a registered name is built from ``optimizer.params``, and a key
+  the optimizer does not take is an error naming the key;
+- ``_configure_optimizer``: for a PMA optimizer (from the config, a client instance, or a client
+  callable) it enforces gradient_accumulation_steps == 1, lists the class as ZeRO-supported,
+  lets ZeRO-Offload accept it, keeps DeepSpeed's setup-time ``step()`` calls with zero gradients
+  inside :meth:`~pma_dist.optim.PMAOptimizer.setup_steps`, and makes every ``step()`` of the
+  DeepSpeed wrapper one logical PMA step (ZeRO-3 steps once per sub-group).
+
+``deepspeed.initialize`` itself is wrapped only to honour a ``"comm_profile"`` config section
+(see ``pma_dist.comm``). :func:`initialize` is the same call for users who prefer it explicit.
+See ``docs/deepspeed.md`` for the mechanism, its limits and the checkpoint story.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.abc
+import inspect
+import logging
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .optim import AdamWPMA, LionPMA, PMAOptimizer
+
+__all__ = ["register_optimizer", "registered_optimizers", "initialize", "build_optimizer",
+           "check_gradient_accumulation", "install", "TESTED_DEEPSPEED_VERSIONS"]
+
+logger = logging.getLogger(__name__)
+
+TESTED_DEEPSPEED_VERSIONS = ("0.19.8",)
+COMM_PROFILE_KEY = "comm_profile"
+
+# lower-cased name -> (name as registered, class)
+_REGISTRY: Dict[str, Tuple[str, type]] = {}
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def register_optimizer(name: str, cls: type) -> None:
+    """Make ``{"optimizer": {"type": name, "params": {...}}}`` build ``cls(model_parameters, **params)``.
+
+    Names are matched case-insensitively. A name DeepSpeed or ``torch.optim`` already resolves is
+    refused (it would silently change what existing configs mean); re-registering a name with the
+    same class is a no-op.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"optimizer name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"register_optimizer({name!r}, ...) needs a torch.optim.Optimizer subclass, got {cls!r}")
+    key = name.lower()
+    if key in _REGISTRY:
+        if _REGISTRY[key][1] is cls:
+            return
+        raise ValueError(f"optimizer name {name!r} is already registered for {_REGISTRY[key][1].__qualname__}")
+    builtin = _builtin_optimizer_name(key)
+    if builtin is not None:
+        raise ValueError(f"optimizer name {name!r} would shadow the built-in {builtin!r}; pick another name")
+    _REGISTRY[key] = (name, cls)
+
+
+def registered_optimizers() -> Dict[str, type]:
+    return {name: cls for name, cls in _REGISTRY.values()}
+
+
+def _lookup(name: Optional[str]) -> Optional[Tuple[str, type]]:
+    return _REGISTRY.get(name.lower()) if isinstance(name, str) else None
+
+
+def _builtin_optimizer_name(key: str) -> Optional[str]:
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if attr.lower() == key and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            return f"torch.optim.{attr}"
+    ds_config = sys.modules.get("deepspeed.runtime.config")
+    if ds_config is not None and key in getattr(ds_config, "DEEPSPEED_OPTIMIZERS", ()):
+        return f"DeepSpeed's {key!r}"
+    return None
+
+
+def _accepted_keys(cls: type) -> Optional[list]:
+    """Keyword arguments ``cls`` takes besides the parameters; None if it takes ``**kwargs``."""
+    keys = []
+    for index, parameter in enumerate(inspect.signature(cls.__init__).parameters.values()):
+        if parameter.kind is parameter.VAR_KEYWORD:
+            return None
+        if index < 2 or parameter.kind is parameter.VAR_POSITIONAL:  # self, params
+            continue
+        keys.append(parameter.name)
+    return keys
+
+
+def build_optimizer(name: str, params: Optional[dict], model_parameters) -> torch.optim.Optimizer:
+    """Build the registered optimizer ``name`` from a config's ``optimizer.params``."""
+    entry = _lookup(name)
+    if entry is None:
+        raise ValueError(f"optimizer type {name!r} is not registered with pma_dist "
+                         f"(registered: {', '.join(n for n, _ in _REGISTRY.values())})")
+    registered_name, cls = entry
+    params = dict(params or {})
+    accepted = _accepted_keys(cls)
+    if accepted is not None:
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"DeepSpeed config optimizer {registered_name!r}: unknown key(s) {', '.join(map(repr, unknown))} "
+                f"in optimizer.params; valid keys are {', '.join(accepted)}")
+    try:
+        return cls(model_parameters, **params)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"DeepSpeed config optimizer {registered_name!r}, optimizer.params={params}: {error}") \
+            from error
+
+
+def _is_pma(optimizer) -> bool:
+    """Optimizers that step per micro-batch and accumulate over a ``period`` themselves."""
+    return isinstance(optimizer, PMAOptimizer) or "period" in getattr(optimizer, "defaults", {})
+
+
+# ---------------------------------------------------------------------------------------------- GA rule
+def check_gradient_accumulation(optimizer, gradient_accumulation_steps: int, *, train_batch_size=None,
+                                micro_batch_size=None, data_parallel_size=None) -> None:
+    """PMA replaces gradient accumulation: GA > 1 would stretch the period to K x GA micro-steps."""
+    if not _is_pma(optimizer) or gradient_accumulation_steps <= 1:
+        return
+    name = type(optimizer).__name__
+    periods = sorted({group.get("period") for group in optimizer.param_groups})
+    period_text = ", ".join(map(str, periods))
+    implied = ""
+    if train_batch_size is not None and micro_batch_size is not None and data_parallel_size is not None:
+        implied = (f" (train_batch_size={train_batch_size} = train_micro_batch_size_per_gpu={micro_batch_size}"
+                   f" x gradient_accumulation_steps={gradient_accumulation_steps}"
+                   f" x {data_parallel_size} data-parallel rank(s))")
+    raise ValueError(
+        f"{name} steps on every micro-batch and averages over its own period, so DeepSpeed must not "
+        f"accumulate gradients: got gradient_accumulation_steps={gradient_accumulation_steps}{implied}. "
+        f"Set \"gradient_accumulation_steps\": 1 (train_batch_size = micro batch x ranks) and set the "
+        f"optimizer's \"period\" to {gradient_accumulation_steps} to average the same number of micro-batches "
+        f"(current period: {period_text}).")
+
+
+# ---------------------------------------------------------------------------------------------- engine patch
+def _is_ours(optimizer) -> bool:
+    return _is_pma(optimizer) or any(type(optimizer) is cls for _, cls in _REGISTRY.values())
+
+
+def _optimizer_setup(engine, optimizer, stack: contextlib.ExitStack) -> None:
+    """Apply the GA rule and admit ``optimizer`` into ZeRO; the setup window closes with ``stack``."""
+    if not _is_ours(optimizer):
+        return
+    check_gradient_accumulation(optimizer, engine.gradient_accumulation_steps(),
+                                train_batch_size=engine.train_batch_size(),
+                                micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+                                data_parallel_size=engine.dp_world_size)
+    from deepspeed.runtime.zero import utils as zero_utils
+    if type(optimizer) not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(type(optimizer))
+    # ZeRO-Offload refuses client optimizers that are not DeepSpeedCPUAdam/Lion; ours run on the
+    # offloaded fp32 partitions with plain torch ops, so accept them for this engine only.
+    engine.zero_force_ds_cpu_optimizer = lambda: False
+    stack.callback(vars(engine).pop, "zero_force_ds_cpu_optimizer", None)
+    if hasattr(optimizer, "setup_steps"):
+        stack.enter_context(optimizer.setup_steps())
+    if _is_pma(optimizer):
+        _warn_implicit_clipping(engine, optimizer)
+
+
+def _warn_implicit_clipping(engine, optimizer) -> None:
+    raw = getattr(engine._config, "_param_dict", None) or {}
+    if "gradient_clipping" not in raw and engine.gradient_clipping() > 0 and engine.global_rank == 0:
+        logger.warning(
+            "%s with DeepSpeed's default gradient_clipping=%s clips every micro-batch gradient (not an accumulated "
+            "one); set \"gradient_clipping\" explicitly (0.0 disables it). See docs/deepspeed.md.",
+            type(optimizer).__name__, engine.gradient_clipping())
+
+
+def _one_logical_step_per_call(wrapper, optimizer) -> None:
+    """Make each ``wrapper.step()`` advance the PMA clock once, however often it steps ``optimizer``."""
+    if wrapper is optimizer or not hasattr(optimizer, "one_logical_step"):
+        return
+    step = wrapper.step
+
+    @functools.wraps(step)
+    def step_once(*args, **kwargs):
+        with optimizer.one_logical_step():
+            return step(*args, **kwargs)
+
+    wrapper.step = step_once
+
+
+def _patch_engine(engine_cls) -> None:
+    if engine_cls.__dict__.get("_pma_dist_patched"):
+        return
+    is_supported = engine_cls._is_supported_optimizer
+    configure_basic = engine_cls._configure_basic_optimizer
+    configure = engine_cls._configure_optimizer
+
+    @functools.wraps(is_supported)
+    def _is_supported_optimizer(self, optimizer_name):
+        return _lookup(optimizer_name) is not None or is_supported(self, optimizer_name)
+
+    @functools.wraps(configure_basic)
+    def _configure_basic_optimizer(self, model_parameters):
+        if _lookup(self.optimizer_name()) is None:
+            return configure_basic(self, model_parameters)
+        optimizer = build_optimizer(self.optimizer_name(), self.optimizer_params(), model_parameters)
+        stack = getattr(self, "_pma_setup_stack", None)
+        if stack is not None:
+            _optimizer_setup(self, optimizer, stack)
+        return optimizer
+
+    @functools.wraps(configure)
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        with contextlib.ExitStack() as stack:
+            self._pma_setup_stack = stack
+            stack.callback(vars(self).pop, "_pma_setup_stack", None)
+            if isinstance(client_optimizer, torch.optim.Optimizer):
+                _optimizer_setup(self, client_optimizer, stack)
+            elif callable(client_optimizer):
+                make_optimizer = client_optimizer
+
+                @functools.wraps(make_optimizer)
+                def client_optimizer(params):
+                    optimizer = make_optimizer(params)
+                    _optimizer_setup(self, optimizer, stack)
+                    return optimizer
+            configure(self, client_optimizer, model_parameters)
+        _one_logical_step_per_call(self.optimizer, self.basic_optimizer)
+
+    engine_cls._is_supported_optimizer = _is_supported_optimizer
+    engine_cls._configure_basic_optimizer = _configure_basic_optimizer
+    engine_cls._configure_optimizer = _configure_optimizer
+    engine_cls._pma_dist_patched = True
+
+
+# ---------------------------------------------------------------------------------------------- initialize
+def _config_dict(args, config, config_params) -> Tuple[Optional[dict], str]:
+    """The config as DeepSpeed will read it, and which argument it came from."""
+    if config is not None:
+        source, value = "config", config
+    elif config_params is not None:
+        source, value = "config_params", config_params
+    elif getattr(args, "deepspeed_config", None) is not None:
+        source, value = "args", args.deepspeed_config
+    else:
+        return None, "none"
+    if isinstance(value, dict):
+        return value, source
+    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
+    return load_ds_config(value), source
+
+
+def _split_comm_profile(args, config, config_params):
+    """Take ``comm_profile`` out of the config (without touching the caller's objects)."""
+    cfg, source = _config_dict(args, config, config_params)
+    if not isinstance(cfg, dict) or COMM_PROFILE_KEY not in cfg:
+        return None, args, config, config_params
+    comm_profile = cfg[COMM_PROFILE_KEY]
+    stripped = {key: value for key, value in cfg.items() if key != COMM_PROFILE_KEY}
+    if source == "args":
+        args = copy.copy(args)
+        args.deepspeed_config = None
+        config = stripped
+    elif source == "config":
+        config = stripped
+    else:
+        config_params = stripped
+    return comm_profile, args, config, config_params
+
+
+def _comm_profile_enabled(section) -> bool:
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
+def _wrap_initialize(ds_initialize):
+    if getattr(ds_initialize, "_pma_dist_wrapped", False):
+        return ds_initialize
+
+    @functools.wraps(ds_initialize)
+    def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+                   lr_scheduler=None, distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None,
+                   config=None, mesh_param=None, config_params=None):
+        comm_profile, args, config, config_params = _split_comm_profile(args, config, config_params)
+        kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                      training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                      dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                      mesh_param=mesh_param, config_params=config_params)
+        if distributed_port is not None:
+            kwargs["distributed_port"] = distributed_port
+        result = ds_initialize(**kwargs)
+        if _comm_profile_enabled(comm_profile):
+            from pma_dist.comm import attach_to_engine
+            attach_to_engine(result[0], comm_profile)
+        return result
+
+    initialize._pma_dist_wrapped = True
+    return initialize
+
+
+def install(deepspeed_module=None) -> None:
+    """Patch DeepSpeed now (idempotent). Runs automatically when ``deepspeed`` is imported."""
+    if deepspeed_module is None:
+        import deepspeed as deepspeed_module
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    version = getattr(deepspeed_module, "__version__", "?")
+    if version not in TESTED_DEEPSPEED_VERSIONS:
+        logger.warning("pma_dist's DeepSpeed integration was tested with DeepSpeed %s, found %s",
+                       ", ".join(TESTED_DEEPSPEED_VERSIONS), version)
+    _patch_engine(DeepSpeedEngine)
+    deepspeed_module.initialize = _wrap_initialize(deepspeed_module.initialize)
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
+               mesh_param=None, config_params=None):
+    """``deepspeed.initialize`` with the PMA registration guaranteed; same arguments, same return value."""
+    import deepspeed
+    install(deepspeed)
+    return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                training_data=training_data, lr_scheduler=lr_scheduler,
+                                distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
+                                collate_fn=collate_fn, config=config, mesh_param=mesh_param,
+                                config_params=config_params)
+
+
+# ---------------------------------------------------------------------------------------------- import hook
+class _InstallAfterImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`install` right after the ``deepspeed`` package finishes importing.
+
+    It only decorates the real loader's ``exec_module`` for that one import, then removes itself.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "deepspeed":
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            vars(loader).pop("exec_module", None)
+            install(module)
+
+        loader.exec_module = exec_then_install
+        return spec
+
+
+def _install_when_deepspeed_is_imported() -> None:
+    if "deepspeed" in sys.modules:
+        install(sys.modules["deepspeed"])
+    elif not any(isinstance(finder, _InstallAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _InstallAfterImport())
+
+
+register_optimizer("AdamWPMA", AdamWPMA)
+register_optimizer("LionPMA", LionPMA)
+_install_when_deepspeed_is_imported()

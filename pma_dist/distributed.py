@@ -1,0 +1,195 @@
+"""Launcher-agnostic helpers for training scripts: who am I, start the process group, end cleanly.
+
+The same script runs under ``deepspeed --num_gpus N``, ``torchrun`` and ``mpirun``:
+
+- torchrun and the deepspeed launcher export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``;
+  the deepspeed launcher also appends ``--local_rank=N`` to ``argv`` (:func:`pop_local_rank_arg`).
+- mpirun exports only its own variables; :func:`setup_env_from_mpi` translates them (through
+  mpi4py when it is installed) *before* DeepSpeed or torch look, so ``MASTER_PORT`` from the
+  environment is honoured (DeepSpeed's own MPI discovery always picks port 29500).
+- Gloo ranks can abort at interpreter exit ("terminate called without an active exception") when
+  the process group is torn down by garbage collection; :func:`shutdown` ends in a fixed order.
+
+Nothing here imports DeepSpeed at module import time, so FSDP scripts can use it too.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "RankInfo",
+    "rank_info",
+    "in_mpi_env",
+    "setup_env_from_mpi",
+    "pop_local_rank_arg",
+    "default_backend",
+    "init_distributed",
+    "shutdown",
+]
+
+_TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# (rank, world size, local rank, local world size) variables of Open MPI, then MPICH/Intel MPI (Hydra)
+_MPI_ENV = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def _int_env(name: str, default: Optional[int] = None) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def in_mpi_env() -> bool:
+    """True when this process was started by mpirun/mpiexec (Open MPI or an MPICH-family launcher)."""
+    return any(rank in os.environ and size in os.environ for rank, size, *_ in _MPI_ENV)
+
+
+def _mpi_env_values() -> Optional[RankInfo]:
+    for rank, size, local_rank, local_size in _MPI_ENV:
+        if rank in os.environ and size in os.environ:
+            return RankInfo(_int_env(rank), _int_env(size), _int_env(local_rank, 0), _int_env(local_size, 1))
+    return None
+
+
+def _this_host_address() -> str:
+    """An address other hosts can reach; loopback is only right when everything runs on one host."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def setup_env_from_mpi(master_port: Optional[int] = None) -> Optional[RankInfo]:
+    """Export torch's rendezvous variables from the MPI launch; a no-op outside mpirun.
+
+    With mpi4py the rank, world size and local rank come from ``MPI.COMM_WORLD`` and rank 0's
+    address is broadcast; without it the launcher's environment variables are used and
+    ``MASTER_ADDR`` must be set (``mpirun -x MASTER_ADDR=...``). Variables already set win, so an
+    explicit ``-x MASTER_PORT=...`` is kept.
+    """
+    if not in_mpi_env():
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        MPI = None
+    if MPI is not None:
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        hosts = comm.allgather(MPI.Get_processor_name())
+        local_rank = hosts[:rank].count(hosts[rank])
+        local_world = hosts.count(hosts[rank])
+        master_addr = comm.bcast(_this_host_address() if rank == 0 else None, root=0)
+        if len(set(hosts)) == 1:
+            master_addr = "127.0.0.1"
+        info = RankInfo(rank, world, local_rank, local_world)
+    else:
+        info = _mpi_env_values()
+        master_addr = os.environ.get("MASTER_ADDR")
+        if master_addr is None:
+            if info.world_size != info.local_world_size:
+                raise RuntimeError(
+                    "launched by mpirun across several hosts without mpi4py: set MASTER_ADDR to rank 0's "
+                    "address (mpirun -x MASTER_ADDR=<host>) or install mpi4py")
+            master_addr = "127.0.0.1"
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
+    os.environ.setdefault("MASTER_ADDR", master_addr)
+    os.environ.setdefault("MASTER_PORT", str(master_port or DEFAULT_MASTER_PORT))
+    return info
+
+
+def rank_info() -> RankInfo:
+    """This process's place in the job, whichever launcher started it (single process: 0 of 1)."""
+    if "RANK" not in os.environ and in_mpi_env():
+        setup_env_from_mpi()
+    world = _int_env("WORLD_SIZE", 1)
+    return RankInfo(rank=_int_env("RANK", 0), world_size=world, local_rank=_int_env("LOCAL_RANK", 0),
+                    local_world_size=_int_env("LOCAL_WORLD_SIZE", world))
+
+
+def pop_local_rank_arg(argv: Optional[List[str]] = None) -> Optional[int]:
+    """Remove ``--local_rank=N`` / ``--local_rank N`` (added by the deepspeed launcher) from ``argv``.
+
+    Returns N, or None when absent. Scripts with strict argument parsers call this first.
+    """
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv):
+        for flag in ("--local_rank", "--local-rank"):
+            if arg.startswith(flag + "="):
+                del argv[i]
+                return int(arg.split("=", 1)[1])
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+                del argv[i:i + 2]
+                return int(value)
+    return None
+
+
+def default_backend() -> str:
+    """The accelerator's collective backend (nccl on CUDA, gloo on CPU, ...)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return get_accelerator().communication_backend_name()
+
+
+def init_distributed(backend: Optional[str] = None) -> RankInfo:
+    """Start torch.distributed from whichever launcher ran us (no-op if already started)."""
+    info = rank_info()
+    missing = [name for name in _TORCH_ENV if name not in os.environ]
+    if info.world_size > 1 and missing:
+        raise RuntimeError(f"cannot start a {info.world_size}-rank process group: environment variables "
+                           f"{', '.join(missing)} are not set (launch with torchrun, deepspeed or mpirun)")
+    if not dist.is_initialized():
+        if info.world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=backend or default_backend(), rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def shutdown(code: int = 0) -> None:
+    """End the process without gloo's exit-time abort: barrier, destroy the group, finalize MPI, _exit.
+
+    Never returns. Output is flushed first because ``os._exit`` skips interpreter clean-up.
+    """
+    try:
+        if dist.is_available() and dist.is_initialized():
+            if code == 0:  # a failing rank must not wait for peers that may never arrive
+                dist.barrier()
+            dist.destroy_process_group()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
