@@ -1,0 +1,331 @@
+"""AdaPM: AdamW with partial momentum per transformer block (AdaPM paper, Algorithm 1).
+
+The thin class around :mod:`pma_dist.adapm.lowrank` and :mod:`pma_dist.adapm.policy`: it plans
+each parameter's blocks at construction (from names), keeps the per-group clock of
+:class:`pma_dist.optim.PMAOptimizer`, and applies for each block
+
+    u     = momentum of the block's kind (none: g; full: EMA; lowrank: debiased L R)   / bc1
+    v     = AdamW second moment (or one per Adam-mini block with ``mini=True``)
+    theta = theta * (1 - lr * wd) - lr * clip(u / (sqrt(v / bc2) + eps), update_clip)
+
+Composition with PMA: ``period=K > 1`` reads :class:`pma_dist.schedule.PMAPhase` for the moment
+decays and gradient weights (applied to the full momentum, to ``L R`` and to ``v``), the small-step
+learning-rate factor and the bias corrections, exactly like AdamW-PMA; ``period=1`` with the
+default ``variant="paper"`` is plain AdaPM.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..optim import (PMAOptimizer, _check_betas, _check_eps, _check_lr, _check_period, _check_variant,
+                     _check_weight_decay)
+from ..schedule import PMAPhase, bias_corrections
+from . import lowrank
+from .policy import ParamPlan, Segment, check_overrides, plan_param
+
+__all__ = ["AdaPM"]
+
+
+class AdaPM(PMAOptimizer):
+    """Adaptive partial momentum (AdaPM) with an optional AdaPM-mini second moment and PMA averaging.
+
+    Args:
+        params: ``model.named_parameters()`` (recommended: names choose each block's momentum),
+            plain parameters together with ``param_names``, or param-group dicts of either.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        rank_ratio: rank of the low-rank momentum as a fraction of the block's smaller dimension
+            (rounded up, at least 1); the paper uses 0.05.
+        update_interval: T, the number of steps between exact (SVD) refits of the low-rank factors;
+            in between they follow the momentum by warm-started descent. The paper uses 100.
+        inner_steps: descent iterations per step on ``||L R - m||`` (0: keep the factors until the next
+            refit; the residual correction then carries everything the factors miss).
+        solver: ``"scaled_gd"`` (default, Gram-preconditioned) or ``"gd"`` (plain, step 1/sigma_max^2).
+        update_clip: element-wise clip of the normalised update (Alg. 1 line 9: 1.0); ``None`` disables.
+        mini: AdaPM-mini: one second moment per Adam-mini block instead of one per entry.
+        num_heads: attention heads, for AdaPM-mini's per-head query/key second moment (else per row).
+        qkv_sizes: (q, k, v) output sizes of fused QKV weights when they are not equal thirds (GQA).
+        policy_overrides: ``{regex: "none" | "lowrank" | "full"}`` searched in parameter names before
+            the built-in rules (first match wins); a match on a fused QKV weight takes it whole.
+        param_names: optional ``{parameter: name}`` for parameters passed without names (DeepSpeed's
+            ``engine.param_names`` has this form).
+        period, variant: PMA composition (see the module doc); ``period=1`` is plain AdaPM.
+        foreach: accepted for API symmetry; blocks are updated one by one (their states differ).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rank_ratio: float = 0.05,
+        update_interval: int = 100,
+        inner_steps: int = 10,
+        solver: str = "scaled_gd",
+        update_clip: Optional[float] = 1.0,
+        mini: bool = False,
+        num_heads: Optional[int] = None,
+        qkv_sizes: Optional[Sequence[int]] = None,
+        policy_overrides: Optional[Mapping[str, str]] = None,
+        param_names: Optional[Mapping[Tensor, str]] = None,
+        period: int = 1,
+        variant: str = "paper",
+        *,
+        foreach: Optional[bool] = None,
+    ):
+        _check_fraction("rank_ratio", rank_ratio)
+        _check_int("num_heads", num_heads, minimum=1, optional=True)
+        if not isinstance(mini, bool):
+            raise TypeError(f"Invalid mini: {mini!r} (must be True or False)")
+        if qkv_sizes is not None:
+            if (not isinstance(qkv_sizes, Sequence) or len(qkv_sizes) != 3
+                    or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                               for s in qkv_sizes)):
+                raise ValueError(f"Invalid qkv_sizes: {qkv_sizes!r} (expected three positive ints (q, k, v))")
+        if param_names is not None and not isinstance(param_names, Mapping):
+            raise TypeError(f"Invalid param_names: {type(param_names).__name__} (expected a mapping parameter -> name)")
+        self._overrides = check_overrides(policy_overrides)
+        self._structure = dict(rank_ratio=float(rank_ratio), num_heads=num_heads,
+                               qkv_sizes=tuple(qkv_sizes) if qkv_sizes is not None else None)
+        self.mini = mini
+        self._param_names = param_names or {}
+        self._plans: Dict[Tensor, ParamPlan] = {}
+        self._fresh: set = set()  # params whose low-rank factors were created this step: fit by SVD
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, update_interval=update_interval, inner_steps=inner_steps,
+                        solver=solver, update_clip=update_clip, period=period, variant=variant)
+        super().__init__(params, defaults, foreach)
+
+    # ------------------------------------------------------------------ construction
+    def _validate_group(self, group: dict) -> None:
+        _check_lr(group["lr"])
+        _check_betas(group["betas"])
+        _check_eps(group["eps"])
+        _check_weight_decay(group["weight_decay"])
+        _check_period(group["period"])
+        _check_variant(group["variant"])
+        _check_int("update_interval", group["update_interval"], minimum=1)
+        _check_int("inner_steps", group["inner_steps"], minimum=0)
+        if group["solver"] not in lowrank.SOLVERS:
+            raise ValueError(f"Invalid solver: {group['solver']!r} (expected one of {lowrank.SOLVERS})")
+        clip = group["update_clip"]
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
+            raise ValueError(f"Invalid update_clip: {clip!r} (must be > 0, or None to disable clipping)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        if names is None:
+            names = [self._param_names.get(p) for p in group["params"]]
+            if any(n is None for n in names):
+                warnings.warn(
+                    "AdaPM got parameters without names: those blocks use full momentum (AdamW-like). Pass "
+                    "model.named_parameters() or param_names= to get the paper's per-block momentum policy.",
+                    stacklevel=3)
+            names = [n if n is not None else f"<unnamed {i}>" for i, n in enumerate(names)]
+        for name, p in zip(names, group["params"]):
+            _refuse_sharded(name, p)
+            self._plans[p] = plan_param(name, tuple(p.shape), overrides=self._overrides, **self._structure)
+
+    def plan(self, p: Tensor) -> ParamPlan:
+        try:
+            return self._plans[p]
+        except KeyError:
+            raise RuntimeError(
+                f"AdaPM was asked to update a parameter it was not constructed with (shape {tuple(p.shape)}). "
+                "AdaPM needs each weight as a whole matrix: DeepSpeed ZeRO stages 1-3 and its bf16/fp16 "
+                "optimizer wrappers replace the parameters by flat 1-D partitions, which AdaPM does not support. "
+                "Use ZeRO stage 0 in fp32, DDP, or a single process.") from None
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: Tensor, step: int) -> dict:
+        state = self.state[p]
+        if state:
+            return state
+        plan = self.plan(p)
+        dtype = F.state_dtype(p)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key, shape in self._state_shapes(plan).items():
+            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if any(seg.kind == "lowrank" for seg in plan.segments):
+            self._fresh.add(p)
+        return state
+
+    def _state_shapes(self, plan: ParamPlan) -> Dict[str, Tuple[int, ...]]:
+        """Name -> shape of every state tensor of one parameter (besides ``step``)."""
+        shapes = {}
+        for i, seg in enumerate(plan.segments):
+            suffix = _suffix(i, plan)
+            mshape = seg.matrix_shape(plan.shape)
+            if seg.kind == "full":
+                shapes["exp_avg" + suffix] = mshape
+            elif seg.kind == "lowrank":
+                shapes["exp_avg_L" + suffix] = (mshape[0], seg.rank)
+                shapes["exp_avg_R" + suffix] = (seg.rank, mshape[1])
+            shapes["exp_avg_sq" + suffix] = _second_moment_shape(seg, mshape, self.mini)
+        return shapes
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> List[dict]:
+        """Per parameter: its blocks' policies and the bytes of AdaPM's state vs AdamW's.
+
+        Computed from the plan (no step needed). ``momentum_bytes`` counts ``exp_avg`` and the
+        low-rank factors, ``second_moment_bytes`` counts ``exp_avg_sq``; AdamW keeps one full
+        ``exp_avg`` and ``exp_avg_sq`` each. The 4-byte ``step`` scalar, common to both, is left out.
+        """
+        rows = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                plan = self.plan(p)
+                item = torch.finfo(F.state_dtype(p)).bits // 8
+                momentum = second = 0
+                for key, shape in self._state_shapes(plan).items():
+                    size = math.prod(shape) * item
+                    if key.startswith("exp_avg_sq"):
+                        second += size
+                    else:
+                        momentum += size
+                rows.append(dict(name=plan.name, shape=plan.shape,
+                                 policy="+".join(f"{s.role}:{s.kind}" + (f"(r={s.rank})" if s.rank else "")
+                                                 for s in plan.segments),
+                                 momentum_bytes=momentum, second_moment_bytes=second,
+                                 adamw_momentum_bytes=p.numel() * item, adamw_second_moment_bytes=p.numel() * item))
+        return rows
+
+    def state_bytes(self) -> Dict[str, int]:
+        """Bytes actually held in ``self.state`` per parameter name (``step`` excluded)."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                out[self.plan(p).name] = sum(t.numel() * t.element_size() for k, t in state.items()
+                                             if k != "step" and torch.is_tensor(t))
+        return out
+
+    # ------------------------------------------------------------------ step
+    def _update_foreach(self, ps, gs, moments, phase, group):
+        for p, g in zip(ps, gs):
+            self._update_tensor(p, g, [], phase, group)
+
+    def _update_tensor(self, p: Tensor, g: Tensor, moments, phase: PMAPhase, group: dict) -> None:
+        plan = self.plan(p)
+        state = self.state[p]
+        refit = p in self._fresh or (phase.step - 1) % group["update_interval"] == 0
+        self._fresh.discard(p)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        bc1, bc2 = bias_corrections(phase, beta1, beta2, group["variant"])
+        lr = float(group["lr"]) * phase.lr_factor(F.ADAMW_SMALL_LR_POWER)
+        eps, clip = float(group["eps"]), group["update_clip"]
+        rescale = group["variant"] == "paper" and phase.is_large and phase.period > 1
+
+        theta = F._compute_view(p)
+        grad = F._compute_view(g)
+        theta.mul_(1 - lr * float(group["weight_decay"]))
+        ndim = len(plan.shape)
+        for i, seg in enumerate(plan.segments):
+            suffix = _suffix(i, plan)
+            gs = seg.view(grad, ndim)
+            if seg.kind == "none":
+                direction = gs
+            elif seg.kind == "full":
+                exp_avg = state["exp_avg" + suffix]
+                exp_avg.mul_(phase.decay(beta1)).add_(gs, alpha=(1 - beta1) * phase.grad_weight)
+                direction = exp_avg / bc1
+            else:
+                L, R = state["exp_avg_L" + suffix], state["exp_avg_R" + suffix]
+                corrected, _ = lowrank.debiased_lowrank_momentum(
+                    gs, L, R, beta1=beta1, decay=phase.decay(beta1), grad_weight=phase.grad_weight, refit=refit,
+                    inner_steps=group["inner_steps"], solver=group["solver"])
+                direction = corrected.div_(bc1)
+            exp_avg_sq = state["exp_avg_sq" + suffix]
+            exp_avg_sq.mul_(phase.decay(beta2)).add_(
+                _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=(1 - beta2) * phase.grad_weight)
+            denom = _denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), phase, bc2, eps, group["variant"])
+            update = direction / denom
+            if clip is not None:
+                update.clamp_(-float(clip), float(clip))
+            seg.view(theta, ndim).add_(update, alpha=-lr)
+            if rescale:
+                for key in ("exp_avg", "exp_avg_L", "exp_avg_sq"):
+                    if key + suffix in state:
+                        state[key + suffix].mul_(phase.state_rescale())
+        if theta is not p:
+            p.copy_(theta)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _suffix(index: int, plan: ParamPlan) -> str:
+    return "" if len(plan.segments) == 1 else f".{index}"
+
+
+def _second_moment_shape(seg: Segment, mshape: Tuple[int, ...], mini: bool) -> Tuple[int, ...]:
+    if not mini or seg.partition == "element":
+        return mshape
+    if seg.partition == "tensor":
+        return ()
+    if seg.partition == "row":
+        return (mshape[0],)
+    return (seg.heads,)
+
+
+def _block_mean_sq(g: Tensor, seg: Segment, vshape, mini: bool) -> Tensor:
+    """The squared gradient averaged over each second-moment block (the whole square if per entry)."""
+    sq = g * g
+    if not mini or seg.partition == "element":
+        return sq
+    if seg.partition == "tensor":
+        return sq.mean()
+    if seg.partition == "row":
+        return sq.mean(dim=1)
+    return sq.reshape(vshape[0], -1).mean(dim=1)
+
+
+def _expand(v: Tensor, seg: Segment, gshape, mini: bool) -> Tensor:
+    if not mini or seg.partition in ("element", "tensor"):
+        return v
+    if seg.partition == "row":
+        return v[:, None]
+    heads = v.shape[0]
+    return v.repeat_interleave(gshape[0] // heads)[:, None]
+
+
+def _denominator(v: Tensor, phase: PMAPhase, bc2: float, eps: float, variant: str) -> Tensor:
+    # Mirrors pma_dist.functional.adamw_pma_tensor, so AdaPM with full momentum is AdamW-PMA.
+    if variant == "reference" and not phase.is_large:
+        return v.sqrt().add_(eps).div_(bc2)
+    return v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+
+
+def _refuse_sharded(name: str, p: Tensor) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if isinstance(p, DTensor):
+        raise TypeError(
+            f"AdaPM does not support FSDP2/DTensor-sharded parameters (parameter {name!r} is a DTensor with "
+            f"placements {tuple(p.placements)}): its low-rank momentum needs whole matrices. Use DDP or DeepSpeed "
+            "ZeRO stage 0 instead.")
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {minimum})")
+
+
+def _check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be in (0, 1])")
