@@ -81,8 +81,9 @@ def single_process_run(optimizer: str, kwargs: dict, max_grad_norm: float, world
     return trajectory, largest_norm
 
 
-def check_parity(backend: str, rank: int, world: int) -> dict:
-    results = {}
+def check_parity(backend: str, rank: int, world: int):
+    """Per parity case: worst difference from one process; plus (fsdp) the shard report of one run."""
+    results, shards = {}, None
     for name, (optimizer, kwargs, clip) in PARITY_CASES.items():
         reference, largest_norm = single_process_run(optimizer, kwargs, clip, world)
         trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, max_grad_norm=clip)
@@ -97,8 +98,8 @@ def check_parity(backend: str, rank: int, world: int) -> dict:
         results[name] = dict(max_abs_diff=worst_abs, max_rel_diff=worst_rel, optimizer_steps=stepped,
                              moved=moved, clip=clip, largest_grad_norm=largest_norm, group_step=trainer.optimizer.param_groups[0].get("step"))
         if backend == "fsdp" and name == "adamw_pma_reference":
-            results["shards"] = shard_report(trainer)
-    return results
+            shards = shard_report(trainer)
+    return results, shards
 
 
 def shard_report(trainer) -> list:
@@ -186,7 +187,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {"world_size": world}
     try:
-        results["parity"] = check_parity(args.backend, rank, world)
+        results["parity"], results["shards"] = check_parity(args.backend, rank, world)
         results["resume"] = check_resume(args.backend, rank, world, args.out)
         results["errors"] = check_errors(args.backend, rank, world, args.out)
     except Exception:
