@@ -1,0 +1,240 @@
+"""Command line and DeepSpeed config of the post-training job, resolved before any work starts.
+
+Precedence, lowest to highest: built-in defaults < the ``--deepspeed`` JSON file < explicit command
+line flags. ``--optimizer`` decides the accumulation: the PMA optimizers step on every micro-batch
+(``gradient_accumulation_steps = 1``, ``period = K``); the GA baselines accumulate K micro-batches
+(``gradient_accumulation_steps = K``). Everything invalid raises :class:`ConfigError` naming the
+flag or config key and its value.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+FALLBACK = "builtin-fallback"
+
+OPTIMIZERS = ("adamw_pma", "lion_pma", "adamw", "lion")
+PMA_OPTIMIZERS = ("adamw_pma", "lion_pma")
+DS_TYPE_TO_OPTIMIZER = {"adamwpma": "adamw_pma", "lionpma": "lion_pma", "adamw": "adamw", "lion": "lion"}
+OPTIMIZER_DEFAULTS = {
+    "adamw_pma": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+    "lion_pma": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
+    "lion": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
+}
+DEFAULT_DATA = {"sft": SHARED_DATA / "sft" / "alpaca_mix_train.jsonl",
+                "dpo": SHARED_DATA / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl"}
+DEFAULT_MODEL = SHARED_DATA / "models" / "stories260K"
+BASE_DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 1,
+    # DeepSpeed's default is 1.0; clipping acts on a K-times noisier gradient under PMA than under
+    # GA, so it is off unless asked for, to compare the optimizers and nothing else
+    "gradient_clipping": 0.0,
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag, config key or combination; the message names it and its value."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="SFT / DPO post-training with PMA optimizers or gradient-accumulation baselines "
+                    "(DeepSpeed; launch with deepspeed, torchrun or mpirun). See docs/training.md.")
+    p.add_argument("--task", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--model", default=None,
+                   help=f"local HF model dir or hub name (default: {DEFAULT_MODEL} if present, "
+                        f"else the built-in fallback; '{FALLBACK}' forces it)")
+    p.add_argument("--train-data", default=None, help="local .jsonl/.json or hub dataset name")
+    p.add_argument("--eval-data", default=None, help="held-out file; default: a fixed split of --train-data")
+    p.add_argument("--eval-size", type=int, default=128, help="records held out when --eval-data is not given")
+    p.add_argument("--max-train-records", type=int, default=None, help="use only the first N training records")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--overlong", choices=("truncate", "skip", "error"), default="truncate",
+                   help="what to do with records longer than --max-length (always counted and reported)")
+    p.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    p.add_argument("--period", type=int, default=None, help="K: PMA period, or GA steps for adamw/lion")
+    p.add_argument("--variant", choices=("reference", "paper"), default=None, help="AdamW-PMA variant")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--betas", type=float, nargs=2, default=None)
+    p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
+    p.add_argument("--gradient-clipping", type=float, default=None)
+    p.add_argument("--micro-steps", type=int, default=64, help="total micro-batches per rank")
+    p.add_argument("--eval-every", type=int, default=32, help="micro-steps between evaluations (0: start/end only)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--log-every", type=int, default=None, help="micro-steps between train-loss lines (default K)")
+    p.add_argument("--save-every", type=int, default=0, help="micro-steps between checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from the last verified checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints to unpickle arbitrary objects (off: torch.load(weights_only=True))")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code (off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--log-update-variance", action="store_true", help="log last-layer update variance")
+    p.add_argument("--variance-window", type=int, default=8, help="periods per update-variance window")
+    p.add_argument("--comm-profile", default=None, help="write the communication ledger to this directory")
+    p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return p
+
+
+@dataclass
+class TrainConfig:
+    args: argparse.Namespace
+    optimizer: str
+    period: int
+    optimizer_params: dict
+    ds_config: dict
+    model: str
+    train_data: str
+    eval_data: Optional[str]
+    fallback: bool
+    log_every: int
+
+    @property
+    def is_pma(self) -> bool:
+        return self.optimizer in PMA_OPTIMIZERS
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.ds_config["train_micro_batch_size_per_gpu"]
+
+    def identity(self) -> dict:
+        """What a checkpoint must agree with to be resumed by this run."""
+        return {"task": self.args.task, "optimizer": self.optimizer, "period": self.period,
+                "micro_batch_size": self.micro_batch_size, "seed": self.args.seed, "model": self.model,
+                "train_data": self.train_data}
+
+
+def _positive(name: str, value, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _load_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed config not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--deepspeed config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--deepspeed config {path} must hold a JSON object")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    for name in ("micro_steps", "eval_size", "max_length", "eval_batch_size", "variance_window"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("period", "micro_batch_size", "log_every", "max_train_records"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("eval_every", "save_every", "keep_checkpoints"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)
+    if args.beta <= 0:
+        raise ConfigError(f"--beta (DPO) must be > 0, got {args.beta}")
+    if args.backend != "deepspeed":
+        raise ConfigError(f"--backend {args.backend} is not available in launch/train.py yet "
+                          f"(only 'deepspeed'); see docs/training.md")
+
+    user = _load_json(args.deepspeed_config) if args.deepspeed_config else {}
+    source = args.deepspeed_config or "the built-in defaults"
+    ds = _merge(BASE_DS_CONFIG, user)
+    ds.pop("train_batch_size", None)  # derived: micro batch x accumulation x ranks
+
+    user_opt = user.get("optimizer", {}) or {}
+    user_type = str(user_opt.get("type", "")).lower()
+    if user_type and user_type not in DS_TYPE_TO_OPTIMIZER:
+        raise ConfigError(f"optimizer type {user_opt['type']!r} in {source} is not supported by train.py "
+                          f"(expected AdamWPMA, LionPMA, AdamW or Lion)")
+    optimizer = args.optimizer or DS_TYPE_TO_OPTIMIZER.get(user_type, "adamw_pma")
+    from_json = dict(user_opt.get("params", {})) if DS_TYPE_TO_OPTIMIZER.get(user_type) == optimizer else {}
+
+    user_ga = user.get("gradient_accumulation_steps")
+    if args.period is not None:
+        period = args.period
+    elif optimizer in PMA_OPTIMIZERS:
+        period = int(from_json.get("period", 8))
+    else:
+        period = int(user_ga) if user_ga not in (None, "auto") else 8
+    _positive("period K", period)
+    if optimizer in PMA_OPTIMIZERS and args.optimizer is None and user_ga not in (None, "auto", 1):
+        raise ConfigError(f"gradient_accumulation_steps={user_ga} in {source} with a PMA optimizer: PMA steps on "
+                          f"every micro-batch; set it to 1 and give the period K as optimizer.params.period "
+                          f"or --period")
+    ds["gradient_accumulation_steps"] = 1 if optimizer in PMA_OPTIMIZERS else period
+
+    params = dict(OPTIMIZER_DEFAULTS[optimizer])
+    params.update({k: v for k, v in from_json.items() if k != "period"})
+    for key, value in (("lr", args.lr), ("betas", args.betas), ("eps", args.eps),
+                       ("weight_decay", args.weight_decay)):
+        if value is not None:
+            params[key] = list(value) if key == "betas" else value
+    if optimizer == "adamw_pma":
+        params["variant"] = args.variant or params.get("variant", "reference")
+    elif args.variant is not None:
+        raise ConfigError(f"--variant {args.variant} applies only to --optimizer adamw_pma, not {optimizer}")
+    if optimizer.startswith("lion"):
+        params.pop("eps", None)
+    if not float(params["lr"]) > 0:
+        raise ConfigError(f"learning rate must be > 0, got lr={params['lr']}")
+
+    if args.micro_batch_size is not None:
+        ds["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    if args.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if args.gradient_clipping is not None:
+        ds["gradient_clipping"] = args.gradient_clipping
+    if args.comm_profile:
+        ds["comm_profile"] = {"enabled": True, "output_dir": args.comm_profile}
+    _positive("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"])
+
+    log_every = args.log_every or period
+    if optimizer not in PMA_OPTIMIZERS:
+        # a GA run can only stop, save or be compared at an optimizer-step boundary
+        for flag, value in (("--micro-steps", args.micro_steps), ("--save-every", args.save_every)):
+            if value % period:
+                raise ConfigError(f"{flag} {value} is not a multiple of K={period}: the {optimizer} baseline "
+                                  f"steps once per {period} micro-batches")
+    if args.save_every and args.save_every % log_every:
+        raise ConfigError(f"--save-every {args.save_every} must be a multiple of the train-log interval "
+                          f"{log_every} so a resumed run continues the same metrics")
+
+    model = args.model
+    fallback = model == FALLBACK
+    if model is None:
+        fallback = not DEFAULT_MODEL.exists()
+        model = FALLBACK if fallback else str(DEFAULT_MODEL)
+    train_data = args.train_data
+    if train_data is None:
+        train_data = str(DEFAULT_DATA[args.task]) if not fallback and DEFAULT_DATA[args.task].exists() else FALLBACK
+    if fallback and args.model is None and args.train_data is not None:
+        raise ConfigError(f"--train-data {train_data} given but no model: pass --model (the fallback model has "
+                          f"a character tokenizer meant only for the built-in synthetic task)")
+    return TrainConfig(args=args, optimizer=optimizer, period=period, optimizer_params=params, ds_config=ds,
+                       model=model, train_data=train_data, eval_data=args.eval_data, fallback=fallback,
+                       log_every=log_every)

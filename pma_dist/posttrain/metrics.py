@@ -1,0 +1,87 @@
+"""The JSONL metrics log and the update-variance probe (the paper's Fig. 7).
+
+One JSON object per line, written by rank 0 only. ``kind`` is ``"train"`` (loss averaged over
+ranks and the micro-steps since the previous train line), ``"eval"`` (held-out metrics) or
+``"update_variance"``. Every line carries ``micro_step`` (micro-batches consumed per rank),
+``optimizer_steps``, ``samples`` (examples consumed by all ranks) and ``wall_clock`` (seconds of
+training, excluding evaluation and checkpointing, continued across resumes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, micro_step: int) -> None:
+        """On resume: drop lines logged after the checkpoint, so the log continues without duplicates."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["micro_step"] <= micro_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def write(self, **record) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def read_metrics(path, kind: Optional[str] = None) -> List[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+class UpdateVariance:
+    """Variance of the last layer's update, per element, over a window of equal-data updates.
+
+    To compare optimizers that step at different rates, the update is measured per *period*:
+    ``delta_j = theta(jK) - theta((j-1)K)``, the net change of the output layer after every K
+    micro-batches, i.e. after the same data for PMA (K small/large steps) and for GA (one step).
+    Over a window of ``window`` consecutive deltas we log ``mean_i Var_j(delta_j[i])`` and the mean
+    squared norm of the deltas.
+    """
+
+    def __init__(self, period: int, window: int):
+        if window < 2:
+            raise ValueError(f"update-variance window must be >= 2 periods, got {window}")
+        self.period = period
+        self.window = window
+        self.previous: Optional[torch.Tensor] = None
+        self.deltas: List[torch.Tensor] = []
+
+    def due(self, micro_step: int) -> bool:
+        """Whether to snapshot after ``micro_step`` micro-steps (a period boundary)."""
+        return micro_step % self.period == 0
+
+    def observe(self, weight: torch.Tensor) -> Optional[dict]:
+        """Feed a snapshot of the last layer at a period boundary; returns stats when a window is full."""
+        current = weight.detach().float().flatten().clone()
+        if self.previous is not None:
+            self.deltas.append(current - self.previous)
+        self.previous = current
+        if len(self.deltas) < self.window:
+            return None
+        stacked = torch.stack(self.deltas)
+        self.deltas = []
+        return {"update_variance": stacked.var(dim=0, unbiased=True).mean().item(),
+                "update_sq_norm": stacked.pow(2).sum(dim=1).mean().item(),
+                "window_periods": self.window}
+
+
+def iter_runs(paths) -> Iterator[tuple]:
+    for label, path in paths.items():
+        yield label, read_metrics(path)

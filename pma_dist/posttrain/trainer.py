@@ -1,0 +1,366 @@
+"""The post-training loop under DeepSpeed: one micro-batch per ``engine.step()``, for PMA and GA alike.
+
+``run(cfg)`` does one whole job (load, train, evaluate, checkpoint, log) and returns a summary;
+``launch/train.py`` calls it once, ``benchmarks/post_training.py`` calls it for many runs inside
+one launch. All data, config and checkpoint problems are raised before the first training step.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoints, data, fallback
+from .config import FALLBACK, ConfigError, TrainConfig
+from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
+from .metrics import MetricsLog, UpdateVariance
+
+log = logging.getLogger("pma_dist.train")
+
+
+# ------------------------------------------------------------------------------ setup
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    if cfg.fallback:
+        tokenizer = fallback.char_tokenizer()
+        return fallback.tiny_llama(len(tokenizer), cfg.args.seed), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.args.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=torch.float32)
+    except Exception as exc:  # bad path, offline hub, remote code refused: all end the run here, clearly
+        raise ConfigError(f"could not load model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
+    return model, tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    # models like stories260K define no pad token; padded positions are masked out of attention
+    # and loss, so any id works: use pad, else eos, else unk
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+@dataclass
+class Datasets:
+    train: data.TokenisedSet
+    eval: data.TokenisedSet
+
+
+def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
+    args = cfg.args
+    if cfg.train_data == FALLBACK:
+        records = fallback.synthetic_records(args.task, 4096 + args.eval_size, seed=1234)
+        source = "built-in synthetic fallback task"
+    else:
+        records = data.load_records(cfg.train_data, args.task)
+        source = cfg.train_data
+    if cfg.eval_data:
+        train_records, eval_records = records, data.load_records(cfg.eval_data, args.task)
+        eval_source = cfg.eval_data
+    else:
+        train_records, eval_records = data.holdout_split(records, args.eval_size)
+        eval_source = f"{source} (held-out {args.eval_size})"
+    if args.max_train_records:
+        train_records = train_records[: args.max_train_records]
+    tok = data.Tokeniser(tokenizer, args.max_length, args.overlong)
+    encode = tok.sft if args.task == "sft" else tok.dpo
+    return Datasets(train=encode(train_records, source), eval=encode(eval_records, eval_source))
+
+
+def make_client_optimizer(cfg: TrainConfig, parameters):
+    """The optimizer object handed to ``deepspeed.initialize``, or None when the config names it.
+
+    AdamW uses DeepSpeed's ``torch_adam`` (``torch.optim.AdamW``). Lion is ``LionPMA(period=1)``,
+    which is exactly Lion (every step is a large step: plain EMA, full lr): DeepSpeed's own Lion
+    is GPU-only (FusedLion) or needs CPU offload. PMA optimizers go through the config when the
+    DeepSpeed integration is installed, else are built here.
+    """
+    from pma_dist import AdamWPMA, LionPMA
+
+    p = dict(cfg.optimizer_params)
+    betas = tuple(p.pop("betas"))
+    if cfg.optimizer == "lion":
+        return LionPMA(parameters, betas=betas, period=1, **p)
+    if cfg.optimizer == "adamw" or _config_knows_pma():
+        return None
+    if cfg.optimizer == "adamw_pma":
+        return AdamWPMA(parameters, betas=betas, period=cfg.period, **p)
+    return LionPMA(parameters, betas=betas, period=cfg.period, **p)
+
+
+def _config_knows_pma() -> bool:
+    try:
+        import pma_dist.deepspeed_integration  # noqa: F401  (registers the config types)
+    except ImportError:
+        return False
+    return True
+
+
+def deepspeed_config(cfg: TrainConfig, uses_client_optimizer: bool) -> dict:
+    ds = copy.deepcopy(cfg.ds_config)
+    if uses_client_optimizer:
+        ds.pop("optimizer", None)
+    elif cfg.optimizer == "adamw":
+        ds["optimizer"] = {"type": "AdamW", "params": dict(cfg.optimizer_params, torch_adam=True)}
+    else:
+        kind = "AdamWPMA" if cfg.optimizer == "adamw_pma" else "LionPMA"
+        ds["optimizer"] = {"type": kind, "params": dict(cfg.optimizer_params, period=cfg.period)}
+    return ds
+
+
+def optimizer_step_count(engine) -> int:
+    """Optimizer steps as the optimizer itself counted them (independent of DeepSpeed's counter)."""
+    opt = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
+    steps = [g["step"] for g in opt.param_groups if isinstance(g.get("step"), int)]
+    if steps:
+        return max(steps)
+    counts = [int(s["step"]) for s in opt.state.values() if "step" in s]
+    return max(counts) if counts else 0
+
+
+def last_layer(model) -> torch.nn.Parameter:
+    head = model.get_output_embeddings()
+    return head.weight if head is not None else list(model.parameters())[-1]
+
+
+def _full_weight(param) -> torch.Tensor:
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitions it: gather (a collective, every rank calls it)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    return param.detach()
+
+
+# ------------------------------------------------------------------------------ loop pieces
+class Objective:
+    """Loss of a batch for the task (and the frozen reference model for DPO)."""
+
+    def __init__(self, task: str, beta: float, reference=None):
+        self.task, self.beta, self.reference = task, beta, reference
+
+    def loss(self, engine, batch):
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.task == "sft":
+            return sft_loss(logits, batch["labels"])
+        return self._dpo(logits, batch).loss.mean()
+
+    def _dpo(self, logits, batch):
+        logp = sequence_logprobs(logits, batch["labels"])
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ref = sequence_logprobs(ref_logits, batch["labels"])
+        n = logp.shape[0] // 2
+        return dpo_terms(logp[:n], logp[n:], ref[:n], ref[n:], self.beta)
+
+    @torch.no_grad()
+    def eval_sums(self, engine, batch) -> torch.Tensor:
+        """Summable eval statistics: SFT (nll sum, tokens); DPO (loss sum, pairs, logp acc, reward acc)."""
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.task == "sft":
+            total, count = sft_loss_terms(logits, batch["labels"])
+            return torch.stack([total.double(), count.double()])
+        t = self._dpo(logits, batch)
+        return torch.stack([t.loss.sum().double(), torch.tensor(float(t.loss.numel()), dtype=torch.float64),
+                            t.logp_accuracy.sum().double(), t.reward_accuracy.sum().double()])
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
+    # plain torch.distributed, so metric traffic is not billed to the training's comm ledger
+    values = values.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int, device) -> dict:
+    engine.eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    width = 2 if cfg.args.task == "sft" else 4
+    sums = torch.zeros(width, dtype=torch.float64)
+    for chunk in data.eval_batches(examples, cfg.args.eval_batch_size, rank, world):
+        sums += objective.eval_sums(engine, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+    sums = _all_reduce_sum(sums, device)
+    engine.train()
+    if cfg.args.task == "sft":
+        return {"eval_loss": (sums[0] / sums[1]).item(), "eval_tokens": int(sums[1])}
+    return {"eval_loss": (sums[0] / sums[1]).item(), "eval_accuracy": (sums[2] / sums[1]).item(),
+            "eval_reward_accuracy": (sums[3] / sums[1]).item(), "eval_pairs": int(sums[1])}
+
+
+# ------------------------------------------------------------------------------ the job
+def run(cfg: TrainConfig) -> dict:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    args = cfg.args
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.fallback or cfg.train_data == FALLBACK:
+        _say(rank, fallback.FALLBACK_BANNER)
+
+    # everything that can be wrong with the inputs is found here, before any training step
+    resume_tag, resume_state = None, {}
+    if args.resume:
+        resume_tag = checkpoints.latest_tag(ckpt_dir) if ckpt_dir.exists() else None
+        if resume_tag is None:
+            _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
+        else:
+            resume_state = checkpoints.verify(ckpt_dir / resume_tag)
+            for key, value in cfg.identity().items():
+                if resume_state.get("identity", {}).get(key) != value:
+                    raise checkpoints.CheckpointError(
+                        f"checkpoint {ckpt_dir / resume_tag} was written with {key}="
+                        f"{resume_state.get('identity', {}).get(key)!r}, this run has {key}={value!r}")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    sets = load_datasets(cfg, tokenizer)
+    _say(rank, sets.train.report())
+    _say(rank, sets.eval.report())
+    order = data.MicroBatchOrder(len(sets.train.examples), cfg.micro_batch_size, world, args.seed)
+    pad = pad_id(tokenizer)
+
+    reference = None
+    if args.task == "dpo":
+        # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    client = make_client_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    ds_config = deepspeed_config(cfg, client is not None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    device = torch.device(get_accelerator().current_device_name())
+    if reference is not None:
+        reference.to(device)
+    objective = Objective(args.task, args.beta, reference)
+    checkpoints.install_safe_engine(engine, trust=args.trust_checkpoint)
+
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    start, wall = 0, 0.0
+    if resume_tag is not None:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
+        if path is None:
+            raise checkpoints.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / resume_tag}")
+        start, wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
+        metrics.truncate_after(start)
+        _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {start}")
+    else:
+        metrics.reset()
+
+    variance = UpdateVariance(cfg.period, args.variance_window) if args.log_update_variance else None
+    head = last_layer(engine.module)
+    if variance is not None:
+        variance.observe(_full_weight(head))
+
+    samples_per_micro = cfg.micro_batch_size * world
+    common = dict(task=args.task, optimizer=cfg.optimizer, period=cfg.period, fallback=cfg.fallback)
+
+    def stamp(micro_step: int) -> dict:
+        return dict(micro_step=micro_step, optimizer_steps=int(engine.global_steps),
+                    samples=micro_step * samples_per_micro, wall_clock=round(wall, 4), **common)
+
+    def do_eval(micro_step: int) -> dict:
+        result = evaluate(engine, objective, sets.eval.examples, cfg, pad, device)
+        metrics.write(kind="eval", **stamp(micro_step), **result)
+        return result
+
+    def do_save(micro_step: int) -> None:
+        tag = f"micro{micro_step:08d}"
+        state = {"micro_step": micro_step, "wall_clock": wall, "identity": cfg.identity()}
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            checkpoints.write_manifest(ckpt_dir / tag, state)
+            checkpoints.publish(ckpt_dir, tag, args.keep_checkpoints)
+        dist.barrier()
+
+    last_eval = do_eval(start) if start == 0 else None
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.micro_steps, initial=start, desc=f"{args.task} {cfg.optimizer} K={cfg.period}",
+                        unit="micro", mininterval=2.0, dynamic_ncols=True)
+    window_loss, window_n = 0.0, 0
+    engine.train()
+    for micro in range(start, args.micro_steps):
+        began = time.perf_counter()
+        chunk = [sets.train.examples[i] for i in order.indices(micro, rank)]
+        loss = objective.loss(engine, _to_device(data.collate(chunk, args.task, pad), device))
+        engine.backward(loss)
+        engine.step()
+        wall += time.perf_counter() - began
+        window_loss += loss.item()
+        window_n += 1
+        done = micro + 1
+        if progress is not None:
+            progress.update(1)
+        if variance is not None and variance.due(done):
+            stats = variance.observe(_full_weight(head))
+            if stats is not None:
+                metrics.write(kind="update_variance", **stamp(done), train_loss=window_loss / max(window_n, 1),
+                              **stats)
+        if done % cfg.log_every == 0 or done == args.micro_steps:
+            mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), device)
+            train_loss = (mean[0] / mean[1]).item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"train loss is {train_loss} at micro-step {done}: lower --lr")
+            metrics.write(kind="train", **stamp(done), train_loss=train_loss)
+            if progress is not None:
+                progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+            window_loss, window_n = 0.0, 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.micro_steps:
+            last_eval = do_eval(done)
+        if args.save_every and (done % args.save_every == 0 or done == args.micro_steps):
+            do_save(done)
+    if progress is not None:
+        progress.close()
+    if last_eval is None:
+        last_eval = do_eval(args.micro_steps)
+
+    summary = dict(common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(engine),
+                   engine_global_steps=int(engine.global_steps), world_size=world,
+                   micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * samples_per_micro,
+                   wall_clock=wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
+                   variant=cfg.optimizer_params.get("variant"), model=cfg.model, train_data=cfg.train_data,
+                   train_records=len(sets.train.examples), truncated=sets.train.truncated,
+                   skipped=sets.train.skipped, resumed_from=resume_tag, **last_eval)
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _release(engine)
+    return summary
+
+
+def _release(engine) -> None:
+    """Free an engine so a benchmark can build the next one in the same process."""
+    try:
+        engine.destroy()
+    except Exception:  # older DeepSpeed without destroy(): dropping references is enough on CPU
+        pass
+    del engine
+    gc.collect()
