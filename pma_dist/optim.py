@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import kernels
 from .schedule import VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
@@ -78,8 +79,8 @@ class PMAOptimizer(torch.optim.Optimizer):
     #: names of the moment buffers in ``self.state[p]``, in the order the update functions take them
     moment_names: Tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict, foreach: Optional[bool]):
-        defaults = dict(defaults, foreach=foreach)
+    def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool] = None):
+        defaults = dict(defaults, foreach=foreach, fused=fused)
         self._setup_depth = 0
         self._logical_step_start: Optional[Dict[int, int]] = None
         self._clock_reconciled = False
@@ -94,12 +95,36 @@ class PMAOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         group.setdefault("step", 0)
         self._validate_group(group)
+        self._validate_path(group)
         for p in group["params"]:
             if torch.is_complex(p):
                 raise TypeError(
                     f"{type(self).__name__} does not support complex parameters "
                     f"(got a {p.dtype} tensor of shape {tuple(p.shape)}); view it as real with torch.view_as_real"
                 )
+
+    def _validate_path(self, group: dict) -> None:
+        foreach, fused = group["foreach"], group.get("fused")
+        for name, value in (("foreach", foreach), ("fused", fused)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"Invalid {name}: {value!r} (must be True, False or None)")
+        if fused and foreach is not None:
+            raise ValueError(
+                f"{type(self).__name__}: fused=True and foreach={foreach} both select an execution path; pass only one")
+        if fused:
+            reason = kernels.unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"{type(self).__name__}(fused=True): the fused CPU kernel is unavailable: {reason}")
+
+    def _use_fused(self, group: dict, params, grads, moments) -> bool:
+        """``fused=True`` demands the fused kernel for every bucket; ``None``/``False`` use foreach."""
+        if not group.get("fused"):
+            return False
+        reason = kernels.fused_unsupported_reason(params, grads, *moments)
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__}(fused=True) cannot update parameter group "
+                             f"{self.param_groups.index(group)}: {reason}; use fused=None for the foreach path")
+        return True
 
     # ------------------------------------------------------------------ clock
     @contextlib.contextmanager
@@ -140,6 +165,7 @@ class PMAOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("step", 0)
+            group.setdefault("fused", None)
         self._reconcile_clock()
 
     # ------------------------------------------------------------------ state
@@ -190,7 +216,10 @@ class PMAOptimizer(torch.optim.Optimizer):
                     self._update_tensor(p, g, [m[i] for m in moments], phase, group)
             else:
                 for p, g, *ms in _group_by_device_and_dtype(params, grads, *moments):
-                    self._update_foreach(p, g, ms, phase, group)
+                    if self._use_fused(group, p, g, ms):
+                        self._update_fused(p, g, ms, phase, group)
+                    else:
+                        self._update_foreach(p, g, ms, phase, group)
             step_tensor = torch.tensor(float(t), dtype=torch.float32)
             for p in params:
                 self.state[p]["step"].copy_(step_tensor)
@@ -201,6 +230,9 @@ class PMAOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update_foreach(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update_fused(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
         raise NotImplementedError
 
 
@@ -228,6 +260,8 @@ class AdamWPMA(PMAOptimizer):
         variant: ``"reference"`` (the authors' released code, the default for now) or ``"paper"``
             (the printed algorithm; K = 1 is exactly ``torch.optim.AdamW``). See ``docs/math.md``.
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+        fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
+            float32/bfloat16/float16 parameters), raising if it cannot. See ``docs/performance.md``.
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -243,10 +277,11 @@ class AdamWPMA(PMAOptimizer):
         variant: str = "reference",
         *,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, period=period, variant=variant)
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach, fused)
 
     def _validate_group(self, group: dict) -> None:
         _check_lr(group["lr"])
@@ -267,6 +302,9 @@ class AdamWPMA(PMAOptimizer):
     def _update_foreach(self, ps, gs, moments, phase, group):
         F.adamw_pma_foreach(ps, gs, *moments, phase=phase, **self._hyper(group))
 
+    def _update_fused(self, ps, gs, moments, phase, group):
+        kernels.adamw_pma_fused(ps, gs, *moments, phase=phase, **self._hyper(group))
+
 
 class LionPMA(PMAOptimizer):
     """Lion with periodical moving average (PMA) of the momentum; steps on every micro-batch.
@@ -278,6 +316,7 @@ class LionPMA(PMAOptimizer):
         weight_decay: decoupled weight decay, applied with the full lr on every step.
         period: K, the number of micro-steps per period.
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+        fused: ``True`` runs the fused single-pass CPU kernel, raising if it cannot (see AdamWPMA).
     """
 
     moment_names = ("exp_avg",)
@@ -291,10 +330,11 @@ class LionPMA(PMAOptimizer):
         period: int = 8,
         *,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         weight_decay=weight_decay, period=period)
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach, fused)
 
     def _validate_group(self, group: dict) -> None:
         _check_lr(group["lr"])
@@ -312,3 +352,6 @@ class LionPMA(PMAOptimizer):
 
     def _update_foreach(self, ps, gs, moments, phase, group):
         F.lion_pma_foreach(ps, gs, *moments, phase=phase, **self._hyper(group))
+
+    def _update_fused(self, ps, gs, moments, phase, group):
+        kernels.lion_pma_fused(ps, gs, *moments, phase=phase, **self._hyper(group))
