@@ -111,15 +111,31 @@ def engine_meta(engine) -> dict:
         "gradient_clipping": engine.gradient_clipping(),
     }
     if zero_stage > 0:
-        meta.update(reduce_bucket_size=engine.zero_reduce_bucket_size(),
-                    allgather_bucket_size=engine.zero_allgather_bucket_size(),
-                    overlap_comm=engine.zero_overlap_comm(),
-                    contiguous_gradients=engine.zero_contiguous_gradients())
+        zero = engine._config.zero_config
+        meta.update(reduce_bucket_size=int(engine.zero_reduce_bucket_size()),
+                    allgather_bucket_size=int(engine.zero_allgather_bucket_size()),
+                    overlap_comm=bool(engine.zero_overlap_comm()),
+                    contiguous_gradients=bool(engine.zero_contiguous_gradients()),
+                    compute_grad_norm=bool(zero.compute_grad_norm),
+                    check_grad_overflow=_check_grad_overflow(engine))
+    if zero_stage in (1, 2):
+        groups = getattr(engine.optimizer, "bit16_groups", None)
+        if groups:
+            meta["group_numels"] = [sum(p.numel() for p in group) for group in groups]
     if zero_stage == 3:
-        meta.update(prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
-                    max_live_parameters=engine.zero_max_live_parameters(),
-                    param_persistence_threshold=engine.zero_param_persistence_threshold())
+        zero = engine._config.zero_config
+        meta.update(prefetch_bucket_size=int(engine.zero_prefetch_bucket_size()),
+                    max_live_parameters=int(engine.zero_max_live_parameters()),
+                    param_persistence_threshold=int(engine.zero_param_persistence_threshold()),
+                    model_persistence_threshold=int(zero.model_persistence_threshold))
     return meta
+
+
+def _check_grad_overflow(engine) -> bool:
+    # engine._configure_zero_optimizer's rule: bf16 follows its config, fp16 always, fp32 never.
+    if engine.bfloat16_enabled():
+        return bool(engine._config.bfloat16_config.check_grad_overflow)
+    return bool(engine.fp16_enabled())
 
 
 def micro_step_kind(engine, optimizer, period_is_pma: bool) -> str:

@@ -30,7 +30,8 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(3, 1, bias=False))
 
 
-def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: float) -> dict:
+def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: float,
+              persistence_threshold=None) -> dict:
     gas = period if kind == "ga" else 1
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -42,14 +43,17 @@ def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if stage == 3 and persistence_threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
     return config
 
 
-def make_engine(stage, dtype, kind, period, world, clip, run_dir, keep_calls, json_config):
+def make_engine(args, stage, dtype, kind, world, run_dir):
+    period, keep_calls, json_config = args.period, args.keep_calls, args.json_config
     model = tiny_model()
-    config = ds_config(stage, dtype, kind, period, world, clip)
+    config = ds_config(stage, dtype, kind, period, world, args.clip, args.persistence_threshold)
     profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": False}
     if json_config:
         name = "AdamWPMA" if kind == "pma" else "AdamW"
@@ -74,8 +78,7 @@ def make_engine(stage, dtype, kind, period, world, clip, run_dir, keep_calls, js
 def run_one(args, stage, dtype, kind, world):
     name = f"z{stage}_{dtype}_{kind}"
     run_dir = os.path.join(args.run_root, name)
-    engine, ledger = make_engine(stage, dtype, kind, args.period, world, args.clip, run_dir, args.keep_calls,
-                                 args.json_config)
+    engine, ledger = make_engine(args, stage, dtype, kind, world, run_dir)
     torch.manual_seed(100 + dist.get_rank())
     model_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     for _ in range(args.periods * args.period):
@@ -98,6 +101,7 @@ def main():
     parser.add_argument("--period", type=int, default=2)
     parser.add_argument("--periods", type=int, default=2)
     parser.add_argument("--clip", type=float, default=0.0)
+    parser.add_argument("--persistence-threshold", type=int, default=None)
     parser.add_argument("--keep-calls", action="store_true")
     parser.add_argument("--json-config", action="store_true")
     args = parser.parse_args()
