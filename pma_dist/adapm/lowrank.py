@@ -38,12 +38,22 @@ SOLVERS = ("scaled_gd", "gd")
 _RIDGE = 1e-12
 
 
-def fit_factors(m: Tensor, L: Tensor, R: Tensor) -> None:
-    """Exact best rank-r approximation of ``m`` (truncated SVD), written into ``L`` and ``R``."""
+def fit_factors(m: Tensor, L: Tensor, R: Tensor, seed: int = 0) -> None:
+    """Best rank-r approximation of ``m`` (truncated SVD), written into ``L`` and ``R``.
+
+    Small ranks use a randomized range finder with two power iterations (Halko et al.) seeded by
+    ``seed``, not the global RNG, so a resumed run refits exactly like an uninterrupted one.
+    """
     rank = L.shape[1]
     if rank * 2 < min(m.shape):
-        U, S, V = torch.svd_lowrank(m, q=min(rank + 8, min(m.shape)), niter=2)
-        Vh = V.mT
+        generator = torch.Generator(device=m.device).manual_seed(seed)
+        probe = torch.randn(m.shape[1], min(rank + 8, min(m.shape)), generator=generator, dtype=m.dtype,
+                            device=m.device)
+        Q = torch.linalg.qr(m @ probe).Q
+        for _ in range(2):
+            Q = torch.linalg.qr(m @ torch.linalg.qr(m.mT @ Q).Q).Q
+        U, S, Vh = torch.linalg.svd(Q.mT @ m, full_matrices=False)
+        U = Q @ U
     else:
         U, S, Vh = torch.linalg.svd(m, full_matrices=False)
     root = S[:rank].sqrt()
@@ -91,11 +101,12 @@ def debiased_lowrank_momentum(
     refit: bool,
     inner_steps: int,
     solver: str,
+    seed: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Update the factors in place; return ``(m_c, r)``: the debiased momentum and the residual."""
     m = torch.addmm(grad, L, R, beta=(1 - beta1) * grad_weight, alpha=decay)
     if refit:
-        fit_factors(m, L, R)
+        fit_factors(m, L, R, seed)
     else:
         refine_factors(m, L, R, inner_steps, solver)
     residual = L @ R - m

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -125,7 +126,7 @@ class AdaPM(PMAOptimizer):
         group = self.param_groups[-1]
         names = group.get("param_names")
         if names is None:
-            names = [self._param_names.get(p) for p in group["params"]]
+            names = [self._param_names.get(p) or _deepspeed_param_name(p) for p in group["params"]]
             if any(n is None for n in names):
                 warnings.warn(
                     "AdaPM got parameters without names: those blocks use full momentum (AdamW-like). Pass "
@@ -244,7 +245,7 @@ class AdaPM(PMAOptimizer):
                 L, R = state["exp_avg_L" + suffix], state["exp_avg_R" + suffix]
                 corrected, _ = lowrank.debiased_lowrank_momentum(
                     gs, L, R, beta1=beta1, decay=phase.decay(beta1), grad_weight=phase.grad_weight, refit=refit,
-                    inner_steps=group["inner_steps"], solver=group["solver"])
+                    inner_steps=group["inner_steps"], solver=group["solver"], seed=phase.step)
                 direction = corrected.div_(bc1)
             exp_avg_sq = state["exp_avg_sq" + suffix]
             exp_avg_sq.mul_(phase.decay(beta2)).add_(
@@ -305,6 +306,16 @@ def _denominator(v: Tensor, phase: PMAPhase, bc2: float, eps: float, variant: st
     if variant == "reference" and not phase.is_large:
         return v.sqrt().add_(eps).div_(bc2)
     return v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+
+
+def _deepspeed_param_name(p: Tensor) -> Optional[str]:
+    """The name a DeepSpeedEngine under construction recorded for ``p`` (config-built optimizers get
+    bare tensors; every engine maps its model's parameters to names before building the optimizer)."""
+    debug = sys.modules.get("deepspeed.utils.debug")
+    names = getattr(debug, "param_names", None)
+    if names is None or p not in names:
+        return None
+    return names[p]
 
 
 def _refuse_sharded(name: str, p: Tensor) -> None:
