@@ -132,6 +132,11 @@ def _buckets(numels: Iterable[int], bucket_size: int) -> List[int]:
     return buckets
 
 
+def _split(numel: int, size: int) -> List[int]:
+    full, rest = divmod(numel, size)
+    return [size] * full + ([rest] if rest else [])
+
+
 def _zero0(s: Setup, boundary: bool) -> List[Message]:
     if not boundary:
         return []
@@ -174,8 +179,14 @@ def _zero3(s: Setup, boundary: bool) -> List[Message]:
     persistent = zero3_persistent(s)
     gathered = sum(p for p, keep in zip(padded, persistent) if not keep)
     out: List[Message] = []
-    if gathered:
+    if gathered and zero3_exact(s):
         out.append(Message("forward", "all_gather", gathered * s.dtype_bytes))
+    elif gathered:
+        # Approximation for models larger than what stays live: prefetch-bucket-sized gathers in forward,
+        # and the same again in backward, where the released parameters are fetched once more.
+        pieces = _split(gathered, s.prefetch_bucket_size)
+        out += [Message("forward", "all_gather", n * s.dtype_bytes) for n in pieces]
+        out += [Message("backward", "all_gather", n * s.dtype_bytes) for n in pieces]
     out += [Message("backward", "reduce_scatter", n * s.grad_bytes) for n in _buckets(padded, s.reduce_bucket_size)]
     if boundary:
         out.append(Message("step", "all_reduce", FP64_SCALAR))
@@ -284,3 +295,24 @@ def compare(ledger_file: dict) -> List[str]:
     if extra:
         problems.append(f"collectives outside micro-steps 0..{n - 1}: {extra}")
     return problems
+
+
+# --- entry points for the report (pma_dist.comm.report / projection) ----------------------------
+def predict_from_meta(meta: dict) -> Dict[str, Dict[str, int]]:
+    """Per op: {"count", "bytes"} over one steady-state period, for the run a ledger ``meta`` describes."""
+    return {op: {"count": c, "bytes": b} for op, (c, b) in period_totals(Setup.from_meta(meta)).items()}
+
+
+def projected_period_records(zero_stage: int, world_size: int, period: int, dtype: str, param_count: int,
+                             pma: bool) -> List[dict]:
+    """One period of ledger-style records for a model of ``param_count`` parameters (projections)."""
+    s = Setup.for_param_count(param_count, zero_stage=zero_stage, world_size=world_size, period=period,
+                              pma=pma, dtype=dtype)
+    records = []
+    for i in range(period):
+        kind = ("large" if (i + 1) % period == 0 else "small") if pma else \
+            ("boundary" if is_boundary(s, i) else "accumulate")
+        for (phase, op), (count, nbytes) in sorted(micro_step_totals(s, i).items()):
+            records.append({"micro_step": i, "pma_kind": kind, "phase": phase, "op": op, "count": count,
+                            "bytes": nbytes})
+    return records

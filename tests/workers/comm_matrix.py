@@ -1,9 +1,9 @@
 """Run many tiny DeepSpeed configurations in one launch, each under a CommLedger; rank 0 writes JSON.
 
 Usage: comm_matrix.py OUT_JSON RUN_ROOT [--stages 0,1,2,3] [--dtypes fp32,bf16] [--kinds pma,ga]
-       [--period K] [--periods P] [--clip C] [--keep-calls] [--json-config]
+       [--period K] [--periods P] [--clip C] [--keep-calls] [--json-config] [--extra SPEC ...]
 
-For each (stage, dtype, kind) it builds an engine on a small MLP whose sizes do not divide by the world
+For each (stage, dtype, kind) — plus each ``--extra stage:dtype:kind:K[:json]`` — it builds an engine on a small MLP whose sizes do not divide by the world
 size (so partition padding shows), attaches a ledger, runs P periods of K micro-steps, destroys the
 engine (which writes comm_rank{r}.json) and collects every rank's ledger through the files.
 ``--json-config`` goes through the DeepSpeed JSON path (optimizer.type "AdamWPMA" + "comm_profile")
@@ -50,16 +50,19 @@ def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: 
     return config
 
 
-def make_engine(args, stage, dtype, kind, world, run_dir):
-    period, keep_calls, json_config = args.period, args.keep_calls, args.json_config
+def make_engine(args, stage, dtype, kind, world, run_dir, period, json_config):
+    keep_calls = args.keep_calls
     model = tiny_model()
     config = ds_config(stage, dtype, kind, period, world, args.clip, args.persistence_threshold)
-    profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": False}
+    # The JSON path also lets rank 0 write the run report when the engine is destroyed.
+    profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": json_config}
     if json_config:
         name = "AdamWPMA" if kind == "pma" else "AdamW"
         params = {"lr": 1e-3, "weight_decay": 0.0}
         if kind == "pma":
             params["period"] = period
+        else:
+            params["torch_adam"] = True
         config["optimizer"] = {"type": name, "params": params}
         config["comm_profile"] = profile
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -75,20 +78,28 @@ def make_engine(args, stage, dtype, kind, world, run_dir):
     return engine, attach_to_engine(engine, profile)
 
 
-def run_one(args, stage, dtype, kind, world):
-    name = f"z{stage}_{dtype}_{kind}"
+def run_one(args, stage, dtype, kind, world, period, json_config=False):
+    name = f"z{stage}_{dtype}_{kind}" + (f"_k{period}" if period != args.period else "") + \
+        ("_json" if json_config else "")
     run_dir = os.path.join(args.run_root, name)
-    engine, ledger = make_engine(args, stage, dtype, kind, world, run_dir)
+    engine, ledger = make_engine(args, stage, dtype, kind, world, run_dir, period, json_config)
+    attached_by_config = json_config and getattr(engine, "comm_ledger", None) is ledger
     torch.manual_seed(100 + dist.get_rank())
     model_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    for _ in range(args.periods * args.period):
+    for _ in range(args.periods * period):
         x = torch.randn(2, 5, dtype=model_dtype)
         loss = engine(x).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
+    # The file must already be on disk before the engine is destroyed (written once per period).
+    written_before_destroy = json.load(open(ledger.path))["meta"]["micro_steps"]
     engine.destroy()
     dist.barrier()
-    return name, [json.load(open(os.path.join(run_dir, f"comm_rank{r}.json"))) for r in range(world)]
+    ledgers = [json.load(open(os.path.join(run_dir, f"comm_rank{r}.json"))) for r in range(world)]
+    return name, {"stage": stage, "dtype": dtype, "kind": kind, "period": period, "json_config": json_config,
+                  "attached_by_config": attached_by_config, "written_before_destroy": written_before_destroy,
+                  "report_written": os.path.exists(os.path.join(run_dir, "report.json")),
+                  "run_dir": run_dir, "ledgers": ledgers}
 
 
 def main():
@@ -104,16 +115,21 @@ def main():
     parser.add_argument("--persistence-threshold", type=int, default=None)
     parser.add_argument("--keep-calls", action="store_true")
     parser.add_argument("--json-config", action="store_true")
+    parser.add_argument("--extra", action="append", default=[], help="stage:dtype:kind:K[:json]")
     args = parser.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
     results = {}
-    for stage in [int(s) for s in args.stages.split(",")]:
-        for dtype in args.dtypes.split(","):
-            for kind in args.kinds.split(","):
-                name, ledgers = run_one(args, stage, dtype, kind, world)
-                results[name] = {"stage": stage, "dtype": dtype, "kind": kind, "ledgers": ledgers}
+    specs = [(int(stage), dtype, kind, args.period, args.json_config)
+             for stage in args.stages.split(",") if stage
+             for dtype in args.dtypes.split(",") for kind in args.kinds.split(",")]
+    for extra in args.extra:
+        stage, dtype, kind, period, *json_flag = extra.split(":")
+        specs.append((int(stage), dtype, kind, int(period), json_flag == ["json"]))
+    for stage, dtype, kind, period, json_config in specs:
+        name, result = run_one(args, stage, dtype, kind, world, period, json_config)
+        results[name] = result
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"world_size": world, "period": args.period, "periods": args.periods,
