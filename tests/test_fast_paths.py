@@ -1,0 +1,220 @@
+"""The fused CPU kernels (``pma_dist/kernels``) compute what the plain foreach path computes.
+
+Reference: ``pma_dist.functional``'s foreach path (itself tested equal to the per-tensor path in
+``tests/test_optim.py``). One known difference is allowed and pinned down: torch's CPU ``sqrt`` is
+not correctly rounded (about 0.7% of elements are one ulp off, depending on size), while the kernel
+uses the IEEE square root. With ``torch._foreach_sqrt`` replaced by a correctly rounded one, the two
+paths must agree bit for bit; with torch's own sqrt, moments stay bit-exact and parameters may differ
+by one ulp per step.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from pma_dist import AdamWPMA, LionPMA
+from pma_dist.kernels import build as kernel_build
+
+# Odd sizes (partial vectors), a tensor spanning several parallel chunks (> 32768 elements) and a 1-element one.
+SHAPES = [(70001,), (37, 5), (16,), (3, 129), (1,)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def correctly_rounded_foreach_sqrt(tensors):
+    return [t.double().sqrt().to(t.dtype) for t in tensors]
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def set_grads(params, step, seed=100):
+    gen = torch.Generator().manual_seed(seed + step)
+    for p in params:
+        # Mix of magnitudes so some elements have tiny second moments (eps matters) and some large.
+        scale = torch.exp(torch.randn(p.shape, generator=gen) * 2)
+        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+
+
+def two_groups(params, optimizer_cls):
+    """Several groups with different hyper-parameters, so group-level scalars are not mixed up."""
+    if optimizer_cls is AdamWPMA:
+        return [dict(params=params[:2]), dict(params=params[2:], lr=3e-3, betas=(0.8, 0.99), eps=1e-6,
+                                               weight_decay=0.0)]
+    return [dict(params=params[:2]), dict(params=params[2:], lr=3e-4, betas=(0.95, 0.98), weight_decay=0.0)]
+
+
+def run(optimizer_cls, dtype, steps, path, **kwargs):
+    params = make_params(dtype)
+    opt = optimizer_cls(two_groups(params, optimizer_cls), **kwargs, **path)
+    for t in range(1, steps + 1):
+        set_grads(params, t)
+        opt.step()
+    return params, opt
+
+
+def assert_same_state(opt_a, params_a, opt_b, params_b):
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb), f"parameter of shape {tuple(pa.shape)} differs"
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, key
+            assert torch.equal(sa[key], sb[key]), f"state {key!r} of shape {tuple(pa.shape)} differs"
+    assert [g["step"] for g in opt_a.param_groups] == [g["step"] for g in opt_b.param_groups]
+
+
+ADAMW_CASES = [
+    dict(variant=variant, period=period, lr=1e-2, weight_decay=0.1)
+    for variant, period in itertools.product(["reference", "paper"], [1, 3, 4])
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ADAMW_CASES, ids=lambda c: f"{c['variant']}-K{c['period']}")
+def test_adamw_fused_is_bit_exact_with_correctly_rounded_sqrt(monkeypatch, case, dtype):
+    monkeypatch.setattr(torch, "_foreach_sqrt", correctly_rounded_foreach_sqrt)
+    steps = 2 * case["period"] + 2  # small and large steps, and the step after a large one
+    ref_params, ref = run(AdamWPMA, dtype, steps, dict(foreach=True), **case)
+    fast_params, fast = run(AdamWPMA, dtype, steps, dict(fused=True), **case)
+    assert_same_state(ref, ref_params, fast, fast_params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("period", [1, 3, 4])
+def test_lion_fused_is_bit_exact(period, dtype):
+    steps = 2 * period + 2
+    ref_params, ref = run(LionPMA, dtype, steps, dict(foreach=True), period=period, lr=1e-2, weight_decay=0.1)
+    fast_params, fast = run(LionPMA, dtype, steps, dict(fused=True), period=period, lr=1e-2, weight_decay=0.1)
+    assert_same_state(ref, ref_params, fast, fast_params)
+
+
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_adamw_fused_within_one_ulp_of_torch_sqrt_path(variant):
+    """One step from identical state: moments bit-exact, parameters within one float32 ulp."""
+    period = 3
+    ref_params, ref = run(AdamWPMA, torch.float32, period, dict(foreach=True), variant=variant, period=period)
+    fast_params = [p.detach().clone().requires_grad_() for p in ref_params]
+    fast = AdamWPMA(two_groups(fast_params, AdamWPMA), variant=variant, period=period, fused=True)
+    state = copy.deepcopy(ref.state_dict())  # state_dict() aliases the live moments
+    for group in state["param_groups"]:
+        group.update(foreach=None, fused=True)
+    fast.load_state_dict(state)
+    assert all(g["fused"] for g in fast.param_groups)
+    for step in (period + 1, period + 2, 2 * period):  # small steps and a large one, one step at a time
+        set_grads(ref_params, step)
+        for pf, pr in zip(fast_params, ref_params):
+            pf.grad = pr.grad.clone()
+            pf.data.copy_(pr.data)
+            for key, value in ref.state[pr].items():
+                fast.state[pf][key].copy_(value)
+        ref.step()
+        fast.step()
+        for pf, pr in zip(fast_params, ref_params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(fast.state[pf][key], ref.state[pr][key]), key
+            ulp = (torch.nextafter(pr.detach(), torch.full_like(pr, float("inf"))) - pr.detach()).abs()
+            assert ((pf - pr).abs() <= ulp).all(), f"step {step}: more than one ulp apart"
+
+
+def test_result_does_not_depend_on_thread_count(monkeypatch):
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run(AdamWPMA, torch.float32, 5, dict(fused=True), period=4))
+    finally:
+        torch.set_num_threads(threads)
+    (params_a, opt_a), (params_b, opt_b) = results
+    assert_same_state(opt_a, params_a, opt_b, params_b)
+
+
+@pytest.mark.parametrize("optimizer_cls", [AdamWPMA, LionPMA])
+def test_state_dict_round_trip_mid_period_is_bit_exact(optimizer_cls):
+    period, split, total = 4, 6, 10
+    straight_params, straight = run(optimizer_cls, torch.float32, total, dict(fused=True), period=period)
+
+    params, first = run(optimizer_cls, torch.float32, split, dict(fused=True), period=period)
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(first.state_dict())
+    resumed_params = [p.clone().requires_grad_() for p in saved_params]
+    resumed = optimizer_cls(two_groups(resumed_params, optimizer_cls), period=period, fused=True)
+    resumed.load_state_dict(saved_state)
+    for t in range(split + 1, total + 1):
+        set_grads(resumed_params, t)
+        resumed.step()
+    assert_same_state(straight, straight_params, resumed, resumed_params)
+    assert all(g["fused"] is True for g in resumed.state_dict()["param_groups"])
+
+
+def test_fused_state_loads_into_the_foreach_path():
+    params, fused = run(AdamWPMA, torch.float32, 5, dict(fused=True), period=4)
+    other = AdamWPMA(two_groups([p.detach().clone().requires_grad_() for p in params], AdamWPMA), period=4)
+    state = copy.deepcopy(fused.state_dict())
+    for group in state["param_groups"]:
+        group["fused"] = None  # the saved path choice travels with the groups; override it to switch
+    other.load_state_dict(state)
+    assert [g["step"] for g in other.param_groups] == [5, 5]
+    assert all(g["fused"] is None for g in other.param_groups)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_fused_and_foreach_together_is_an_error():
+    with pytest.raises(ValueError, match=r"fused=True and foreach=True"):
+        AdamWPMA(make_params(torch.float32), fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"fused=True and foreach=False"):
+        LionPMA(make_params(torch.float32), fused=True, foreach=False)
+
+
+def test_fused_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"Invalid fused: 'yes'"):
+        AdamWPMA(make_params(torch.float32), fused="yes")
+
+
+def test_fused_rejects_float64_parameters_by_name():
+    params = [torch.randn(4, dtype=torch.float64, requires_grad=True)]
+    opt = AdamWPMA(params, fused=True)
+    params[0].grad = torch.ones_like(params[0])
+    with pytest.raises(ValueError, match=r"AdamWPMA\(fused=True\) cannot update parameter group 0: .*torch.float64"):
+        opt.step()
+    assert torch.equal(opt.state[params[0]]["exp_avg"], torch.zeros(4, dtype=torch.float64))
+
+
+def test_fused_rejects_non_contiguous_parameters():
+    base = torch.randn(6, 4)
+    param = base.t().detach().requires_grad_()
+    opt = LionPMA([param], fused=True)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(ValueError, match=r"\(shape \(4, 6\)\) or its gradient is not contiguous"):
+        opt.step()
+
+
+def test_missing_compiler_is_a_clear_error_at_construction(monkeypatch):
+    monkeypatch.setattr(kernel_build, "_module", None)
+    monkeypatch.setattr(kernel_build, "_error", None)
+    monkeypatch.setenv("CXX", "no-such-compiler-pma")
+    with pytest.raises(RuntimeError, match=r"AdamWPMA\(fused=True\): .*'no-such-compiler-pma'.*not on PATH"):
+        AdamWPMA(make_params(torch.float32), fused=True)
+    # The default path needs no compiler.
+    params = make_params(torch.float32)
+    opt = AdamWPMA(params)
+    set_grads(params, 1)
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1
+
+
+def test_kernel_checks_its_inputs():
+    kernels = kernel_build.load_cpu_kernels()
+    p = [torch.zeros(8)]
+    with pytest.raises(RuntimeError, match=r"tensor 0 of list 2 is Double, expected Float"):
+        kernels.lion_pma_step(p, [torch.zeros(8)], [torch.zeros(8, dtype=torch.float64)], 1, 0.5, 0.5, -1e-3,
+                              0.5, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match=r"tensor 0 of list 1 has 7 elements, its parameter has 8"):
+        kernels.lion_pma_step(p, [torch.zeros(7)], [torch.zeros(8)], 1, 0.5, 0.5, -1e-3, 0.5, 0.5, 1.0)
