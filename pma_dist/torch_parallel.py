@@ -35,6 +35,7 @@ synchronise and when to step.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -44,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .optim import AdamWPMA, LionPMA, PMAOptimizer
+from .schedule import PMAPhase
 
 __all__ = ["BACKENDS", "OPTIMIZERS", "ParallelTrainer", "init_process_group", "setup"]
 
@@ -88,18 +90,11 @@ def _accelerator():
 
 
 def init_process_group() -> None:
-    """Join the job started by ``torchrun`` (env://) with the accelerator's backend (NCCL, gloo, ...)."""
-    if dist.is_initialized():
-        return
-    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"cannot join a distributed job: environment variable(s) {', '.join(missing)} not set; "
-            "start the script with torchrun (or set them yourself)"
-        )
-    accelerator = _accelerator()
-    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=accelerator.communication_backend_name())
+    """Join the job started by torchrun/deepspeed/mpirun with the accelerator's backend (NCCL, gloo, ...)."""
+    from .distributed import init_distributed
+
+    info = init_distributed()
+    _accelerator().set_device(info.local_rank)
 
 
 @dataclass
@@ -125,6 +120,7 @@ class ParallelTrainer:
         self.max_grad_norm = max_grad_norm
         self.fsdp_units = list(fsdp_units)
         self.micro_steps = 0
+        self.comm_ledger = None  # a pma_dist.comm.CommLedger once setup(comm_profile=...) switched it on
 
     # ------------------------------------------------------------------ training
     @property
@@ -140,20 +136,62 @@ class ParallelTrainer:
     def micro_step(self, loss_fn: Callable[[nn.Module], Tensor]) -> MicroStepResult:
         """Forward+backward of one micro-batch via ``loss_fn(model)``; synchronise and step when due."""
         sync = self.is_sync_step()
+        ledger = self.comm_ledger
+        if ledger is not None:
+            ledger.begin_micro_step(self.micro_steps, self._micro_step_kind(sync))
         with self._gradient_sync(sync):
-            loss = loss_fn(self.model)
+            with self._phase("forward"):
+                loss = loss_fn(self.model)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a scalar loss tensor, got {_describe(loss)}")
-            (loss / self.accumulation_steps).backward()
+            with self._phase("backward"):
+                (loss / self.accumulation_steps).backward()
         if sync:
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+            with self._phase("step"):
+                if self.max_grad_norm > 0:
+                    self._clip_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
         self.micro_steps += 1
+        if ledger is not None:
+            ledger.end_micro_step()
         return MicroStepResult(loss.detach(), sync, self.micro_steps)
+
+    @torch.no_grad()
+    def _clip_gradients(self) -> None:
+        """Scale gradients so their global L2 norm is at most ``max_grad_norm`` (torch's formula).
+
+        FSDP2 gradients are shards: the squared norms of the local shards are summed with one fp32
+        ``all_reduce`` through torch.distributed, where the ledger counts it (DTensor's own norm would
+        reduce through functional collectives, which no Python-level hook sees). DDP gradients are
+        already identical on every rank: no communication.
+        """
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm([g.float() for g in grads])
+        squared = torch.stack(norms).square().sum()
+        if self.backend == "fsdp":
+            dist.all_reduce(squared)
+        coef = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+
+    def _micro_step_kind(self, sync: bool) -> str:
+        """The ledger's label: PMA "small"/"large" (of the coming optimizer step), GA "accumulate"/"boundary"."""
+        if self.uses_pma:
+            group = self.optimizer.param_groups[0]
+            return "large" if PMAPhase(step=group["step"] + 1, period=group["period"]).is_large else "small"
+        return "boundary" if sync else "accumulate"
+
+    def _phase(self, name: str):
+        return self.comm_ledger.in_phase(name) if self.comm_ledger is not None else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Finish communication accounting (final ledger write, rank 0's report); call on every rank."""
+        if self.comm_ledger is not None:
+            self.comm_ledger.close()
 
     def _gradient_sync(self, sync: bool):
         if self.backend == "fsdp":
@@ -232,7 +270,8 @@ class ParallelTrainer:
 def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimizer_kwargs: Optional[dict] = None,
           period: int = 8, *, lr_scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
           max_grad_norm: float = 0.0, fsdp_units: Optional[Iterable[nn.Module]] = None,
-          fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None) -> ParallelTrainer:
+          fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None,
+          comm_profile: Optional[dict] = None) -> ParallelTrainer:
     """Wrap ``model`` for data parallelism and build its optimizer.
 
     Args:
@@ -249,7 +288,14 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
             classes named by the model's ``_no_split_modules`` (Hugging Face), else the root's
             direct children that hold parameters. The root is always sharded last.
         fsdp_kwargs / ddp_kwargs: passed to ``fully_shard`` / ``DistributedDataParallel``.
+        comm_profile: the ``comm_profile`` section of ``docs/comm_accounting.md`` (``{"enabled": True,
+            "output_dir": ...}``): count every collective into ``output_dir/comm_rank{r}.json``;
+            under DDP a comm hook routes the C++ reducer's bucket all-reduces through the ledger.
+            Call :meth:`ParallelTrainer.close` at the end (final write, rank 0's report).
     """
+    from .comm import parse_comm_profile
+
+    comm_options = parse_comm_profile(comm_profile)  # a bad section fails before any wrapping
     _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm,
                     fsdp_kwargs if backend == "fsdp" else ddp_kwargs, "fsdp_kwargs" if backend == "fsdp" else "ddp_kwargs")
     if not dist.is_initialized():
@@ -263,8 +309,11 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
     built = OPTIMIZERS[optimizer].build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
     scheduler = lr_scheduler(built) if lr_scheduler is not None else None
-    return ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
-                           max_grad_norm=float(max_grad_norm), fsdp_units=units)
+    trainer = ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
+                              max_grad_norm=float(max_grad_norm), fsdp_units=units)
+    if comm_options is not None:
+        _attach_ledger(trainer, comm_options, dict(fsdp_kwargs or {}), dict(ddp_kwargs or {}))
+    return trainer
 
 
 def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm, wrapper_kwargs,
@@ -322,6 +371,91 @@ def _wrap_ddp(model: nn.Module, ddp_kwargs: dict) -> nn.Module:
     if accelerator.device_name() != "cpu" and "device_ids" not in ddp_kwargs:
         ddp_kwargs["device_ids"] = [accelerator.current_device()]
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+# ---------------------------------------------------------------------- communication accounting
+def _attach_ledger(trainer: ParallelTrainer, options: dict, fsdp_kwargs: dict, ddp_kwargs: dict) -> None:
+    from .comm import CommLedger
+
+    ledger = CommLedger(options["output_dir"], comm_meta(trainer, fsdp_kwargs, ddp_kwargs),
+                        keep_calls=options.get("keep_calls", False), write_every=options.get("write_every"))
+    if options.get("report", True):
+        from .comm.deepspeed_attach import _write_report  # barrier, then rank 0 writes the run report
+
+        ledger.on_close(_write_report)
+    if trainer.backend == "ddp":
+        # DDP's C++ reducer never calls Python collectives; the hook all-reduces each bucket through
+        # torch.distributed (the same averaging as DDP's default), where the ledger sees it.
+        trainer.model.register_comm_hook(None, ledger.ddp_comm_hook())
+    trainer.comm_ledger = ledger.install()
+
+
+def comm_meta(trainer: ParallelTrainer, fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None) -> dict:
+    """What ``pma_dist.comm.model`` needs to predict this trainer's traffic (the ledger's ``meta``)."""
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    dtype = params[0].dtype if params else torch.float32
+    world = dist.get_world_size()
+    meta = {
+        "backend": "fsdp2" if trainer.backend == "fsdp" else "ddp",
+        "optimizer": type(trainer.optimizer).__name__,
+        "pma": trainer.uses_pma,
+        "zero_stage": None,
+        "period": trainer.period,
+        "gradient_accumulation_steps": trainer.accumulation_steps,
+        "world_size": world,
+        "dp_world_size": world,
+        "dtype": _dtype_name(dtype),
+        "param_count": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "param_numels": [p.numel() for p in params],  # full sizes, also for FSDP2's DTensors
+        "gradient_clipping": trainer.max_grad_norm,
+    }
+    if trainer.backend == "fsdp":
+        mp_policy = (fsdp_kwargs or {}).get("mp_policy")
+        meta["fsdp_param_dtype"] = _dtype_name(getattr(mp_policy, "param_dtype", None) or dtype)
+        meta["fsdp_reduce_dtype"] = _dtype_name(getattr(mp_policy, "reduce_dtype", None)
+                                                or getattr(mp_policy, "param_dtype", None) or dtype)
+        meta["fsdp_units"] = _fsdp_unit_meta(trainer, (fsdp_kwargs or {}).get("reshard_after_forward"))
+    else:
+        from torch.distributed import _DEFAULT_FIRST_BUCKET_BYTES
+
+        cap_mb = (ddp_kwargs or {}).get("bucket_cap_mb")
+        meta["ddp_bucket_cap_bytes"] = int((25 if cap_mb is None else cap_mb) * 1024 * 1024)
+        meta["ddp_first_bucket_bytes"] = _DEFAULT_FIRST_BUCKET_BYTES if cap_mb is None else meta["ddp_bucket_cap_bytes"]
+        meta["ddp_grad_numels"] = [p.numel() for p in params]
+        meta["ddp_grad_element_size"] = params[0].element_size() if params else 4
+    return meta
+
+
+def _fsdp_unit_meta(trainer: ParallelTrainer, reshard_after_forward) -> List[dict]:
+    """Each fully_shard call's own parameters (full shapes), innermost first, root last.
+
+    A unit manages the parameters of its module that no nested unit manages; FSDP2 all-gathers them
+    in one message in forward, again in backward if it resharded after forward, and reduce-scatters
+    their gradients in one message. ``reshard_after_forward=None`` (FSDP2's default) means True for
+    every unit but the root, whose parameters are used again right away by backward.
+    """
+    named_units = {id(m): name for name, m in trainer.model.named_modules()}
+    claimed = set()
+    units = []
+    for module in trainer.fsdp_units + [trainer.model]:
+        own = [p for p in module.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in own)
+        is_root = module is trainer.model
+        units.append({"name": named_units.get(id(module), ""), "root": is_root,
+                      "reshard_after_forward": (reshard_after_forward is True) if is_root
+                      else (True if reshard_after_forward is None else reshard_after_forward),
+                      "param_shapes": [list(p.shape) for p in own]})
+    return units
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a (possibly DTensor) tensor, as a plain tensor sharing its storage."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _describe(value) -> str:
