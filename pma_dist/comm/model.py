@@ -104,6 +104,8 @@ class Setup:
             kwargs["group_numels"] = tuple(kwargs["group_numels"])
         kwargs["period"] = int(meta["period"])
         kwargs["pma"] = bool(meta.get("pma", True))
+        kwargs.setdefault("zero_stage", None)  # FSDP2 / DDP runs have no ZeRO stage
+        kwargs["extra"] = {k: v for k, v in meta.items() if k.startswith(("fsdp_", "ddp_"))}
         return cls(**kwargs)
 
 
@@ -316,3 +318,81 @@ def projected_period_records(zero_stage: int, world_size: int, period: int, dtyp
             records.append({"micro_step": i, "pma_kind": kind, "phase": phase, "op": op, "count": count,
                             "bytes": nbytes})
     return records
+
+
+# --- PyTorch FSDP2 and DDP (pma_dist.torch_parallel writes the meta keys read here) ---------------------
+def _fsdp2_padded_numel(shape: Sequence[int], world_size: int) -> int:
+    """FSDP2 shards dim 0 into N equal chunks, padding it to a multiple of N (a 0-d tensor counts as [1])."""
+    shape = list(shape) or [1]
+    rest = math.prod(shape[1:])
+    return _pad(shape[0], world_size) * rest
+
+
+def _fsdp2(s: Setup, boundary: bool) -> List[Message]:
+    """FSDP2 ``fully_shard`` (torch 2.13 ``_fsdp_collectives.py``, ``_fsdp_state.py``).
+
+    Each unit (one ``fully_shard`` call) sends one all-gather of its padded parameters in forward,
+    another in backward if it resharded after forward (FSDP2's default: every unit but the root), and
+    at a sync step one reduce-scatter of its padded gradients (GA skips it with
+    ``set_requires_gradient_sync(False)``). Gradient clipping all-reduces one fp32 scalar in the step.
+    """
+    units = s.extra.get("fsdp_units")
+    if not units:
+        raise ValueError("the FSDP2 model needs meta.fsdp_units (written by pma_dist.torch_parallel)")
+    if s.world_size < 2:
+        raise ValueError(f"the FSDP2 model covers world_size >= 2, got {s.world_size}")
+    gather_bytes = DTYPE_BYTES[s.extra.get("fsdp_param_dtype", s.dtype)]
+    reduce_bytes = DTYPE_BYTES[s.extra.get("fsdp_reduce_dtype", s.dtype)]
+    out: List[Message] = []
+    for unit in units:
+        if not unit["param_shapes"]:
+            continue  # a root that only groups other units sends nothing itself
+        reshard = unit["reshard_after_forward"]
+        if not isinstance(reshard, bool):
+            raise ValueError(f"the FSDP2 model covers reshard_after_forward True/False, got {reshard!r}")
+        padded = sum(_fsdp2_padded_numel(shape, s.world_size) for shape in unit["param_shapes"])
+        out.append(Message("forward", "all_gather", padded * gather_bytes))
+        if reshard:
+            out.append(Message("backward", "all_gather", padded * gather_bytes))
+        if boundary:
+            out.append(Message("backward", "reduce_scatter", padded * reduce_bytes))
+    if boundary and s.gradient_clipping > 0:
+        out.append(Message("step", "all_reduce", FP32_SCALAR))
+    return out
+
+
+def _ddp_buckets(numels: Sequence[int], element_size: int, first_bucket_bytes: int, bucket_bytes: int) -> List[int]:
+    """DDP's bucket assignment: reverse registration order, the first bucket capped lower than the rest."""
+    buckets: List[int] = []
+    current = 0
+    for numel in reversed(list(numels)):
+        cap = first_bucket_bytes if not buckets else bucket_bytes
+        if current and (current + numel) * element_size > cap:
+            buckets.append(current)
+            current = 0
+        current += numel
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _ddp(s: Setup, boundary: bool) -> List[Message]:
+    """DDP: at a sync step one all-reduce per gradient bucket (GA skips it with ``no_sync()``).
+
+    Bytes are exact (every gradient element is all-reduced once). The count assumes the buckets follow
+    reverse registration order, which DDP's rebuild after the first iteration keeps when gradients
+    become ready in that order (a plain chain of layers); gradient clipping needs no communication.
+    """
+    if s.world_size < 2:
+        raise ValueError(f"the DDP model covers world_size >= 2, got {s.world_size}")
+    element_size = s.extra.get("ddp_grad_element_size", s.dtype_bytes)
+    cap = s.extra.get("ddp_bucket_cap_bytes", 25 * 1024 * 1024)
+    first = s.extra.get("ddp_first_bucket_bytes", 1024 * 1024)
+    if not boundary:
+        return []
+    return [Message("backward", "all_reduce", n * element_size)
+            for n in _ddp_buckets(s.extra.get("ddp_grad_numels", s.param_numels), element_size, first, cap)]
+
+
+register_backend("fsdp2", _fsdp2)
+register_backend("ddp", _ddp)
