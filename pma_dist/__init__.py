@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 
 __all__ = ["AdamWPMA", "LionPMA", "PMAOptimizer", "PMAPhase", "__version__"]
 from .deepspeed_integration import initialize, register_optimizer  # noqa: E402
+from .adapm import AdaPM  # noqa: E402,F401  (registers "AdaPM" for DeepSpeed JSON configs)

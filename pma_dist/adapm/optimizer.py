@@ -143,9 +143,23 @@ class AdaPM(PMAOptimizer):
         except KeyError:
             raise RuntimeError(
                 f"AdaPM was asked to update a parameter it was not constructed with (shape {tuple(p.shape)}). "
-                "AdaPM needs each weight as a whole matrix: DeepSpeed ZeRO stages 1-3 and its bf16/fp16 "
-                "optimizer wrappers replace the parameters by flat 1-D partitions, which AdaPM does not support. "
-                "Use ZeRO stage 0 in fp32, DDP, or a single process.") from None
+                "AdaPM plans each weight matrix by name and shape at construction; DeepSpeed ZeRO stages 1-3 "
+                "(flat 1-D partitions) and its bf16/fp16 wrappers (fp32 master copies) swap in other tensors, "
+                "which AdaPM does not support. Use ZeRO stage 0 in fp32, DDP, or a single process.") from None
+
+    def check_deepspeed_engine(self, engine) -> None:
+        """Refuse DeepSpeed set-ups that hand the optimizer other tensors than the model's weights."""
+        stage = engine.zero_optimization_stage()
+        if stage:
+            raise ValueError(
+                f"AdaPM cannot run under DeepSpeed ZeRO stage {stage}: ZeRO-1/2/3 give the optimizer flat 1-D "
+                "partitions, which lose the weight matrices' shapes that AdaPM's low-rank momentum and block "
+                'policy need. Use "zero_optimization": {"stage": 0} (fp32), or DDP.')
+        for flag, enabled in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())):
+            if enabled:
+                raise ValueError(
+                    f"AdaPM cannot run under DeepSpeed's {flag} optimizer wrapper (it steps fp32 master copies "
+                    f"AdaPM was not built with): disable \"{flag}\" or train with torch.autocast under DDP.")
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p: Tensor, step: int) -> dict:

@@ -1,0 +1,62 @@
+"""AdaPM on 2 ranks: DDP and DeepSpeed ZeRO-0 (JSON ``"type": "AdaPM"``) match a single process;
+ZeRO-1/2/3, DeepSpeed bf16 and FSDP2 are refused with clear errors. One launch for the module."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.launching import run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapm_dist") / "results.json"
+    run_ranks("adapm_dist.py", [out], nproc=2, launcher="torchrun", timeout=400)
+    return json.loads(out.read_text())
+
+
+def _no_crash(entry):
+    assert "crash" not in entry, entry.get("crash")
+    return entry
+
+
+def test_ddp_matches_single_process(results):
+    assert _no_crash(results["ddp"])["max_diff"] < 1e-12  # float64
+
+
+def test_deepspeed_zero0_json_type_matches_single_process(results):
+    entry = _no_crash(results["zero0"])
+    assert entry["optimizer"] == "AdaPM"
+    # the config-built optimizer got the engine's parameter names, so the paper's policy applies
+    assert entry["policies"]["q_proj.weight"] == "query:lowrank(r=2)"
+    assert entry["policies"]["v_proj.weight"] == "value:full"
+    assert entry["policies"]["o_proj.weight"] == "attn_out:none"
+    assert entry["max_diff"] < 1e-5 * entry["max_abs"]  # float32 all-reduce order
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_flat_partitions_are_refused(results, stage):
+    entry = _no_crash(results[f"zero{stage}"])
+    assert entry["error"] is not None, "AdaPM trained on flat ZeRO partitions"
+    if entry["where"] == "initialize":  # an integration that calls check_deepspeed_engine at set-up
+        assert f"ZeRO stage {stage}" in entry["error"]
+    else:
+        assert "flat 1-D partitions" in entry["error"] and "ZeRO stages 1-3" in entry["error"]
+        assert f"AdaPM cannot run under DeepSpeed ZeRO stage {stage}" in entry["engine_check"]
+
+
+def test_deepspeed_bf16_wrapper_is_refused(results):
+    entry = _no_crash(results["bf16_zero0"])
+    assert entry["error"] is not None and "bf16/fp16 wrappers" in entry["error"]
+
+
+def test_fsdp2_dtensor_parameters_are_refused(results):
+    entry = _no_crash(results["fsdp2"])
+    assert "FSDP2/DTensor" in entry["error"] and "'q_proj.weight'" in entry["error"] and "Shard(dim=0)" in entry["error"]
+
+
+def test_package_exports_adapm(results):
+    assert results["pma_dist_exports_adapm"] is True
