@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_fsdp import assert_errors, assert_ga_parity, assert_pma_parity, assert_resume, launch_checks
+from tests.test_fsdp import (COMM_STEPS, FP32, LAYERS, PERIOD, assert_comm, assert_errors, assert_ga_parity,
+                              assert_pma_parity, assert_resume, launch_checks)
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +33,14 @@ def test_ddp_dcp_resume_mid_period_is_bit_identical(results):
 @pytest.mark.slow
 def test_ddp_checkpoint_errors(results):
     assert_errors(results)
+
+
+@pytest.mark.slow
+def test_ddp_measured_bytes_equal_the_model(results):
+    grad_bytes = sum((inp + 1) * out for inp, out in LAYERS) * FP32
+    assert grad_bytes == 652  # one bucket: far below DDP's 1 MiB first-bucket cap
+    # PMA all-reduces every micro-step, GA once per K; clipping needs no communication under DDP
+    assert_comm(results, {
+        "pma": {"all_reduce": (COMM_STEPS, grad_bytes * COMM_STEPS)},
+        "ga": {"all_reduce": (COMM_STEPS // PERIOD, grad_bytes * COMM_STEPS // PERIOD)},
+    })

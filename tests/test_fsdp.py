@@ -6,9 +6,11 @@ below assert on it. tests/test_ddp.py does the same for DDP with the same worker
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 
 import pytest
 
+from pma_dist.comm import model
 from tests.launching import run_ranks
 
 WORLD = 2
@@ -18,6 +20,11 @@ GA_CASES = ("adamw_ga", "lion_ga")
 # fp32: the sharded run sums the same per-sample gradients in another order (reduce-scatter vs one
 # matmul); with eps = 1e-3 that stays at a few ulps (measured <= 5e-8 absolute). Lion is exact.
 PARITY_ABS_TOL = 5e-7
+# The worker's deep linear net: Linear(8,6) -> Linear(6,5) -> Linear(5,7) -> Linear(7,4), fp32, one
+# fully_shard unit per layer. Its comm runs take COMM_STEPS micro-steps, PMA with gradient clipping.
+LAYERS = ((8, 6), (6, 5), (5, 7), (7, 4))
+COMM_STEPS = 2 * PERIOD
+FP32 = 4
 
 
 def launch_checks(backend: str, tmp_path_factory) -> list:
@@ -81,6 +88,28 @@ def assert_errors(results):
         assert e["mid_accumulation_dir_exists"] is False
 
 
+def ledger_totals(path) -> dict:
+    """op -> [count, bytes] over the whole run, and the (micro_step, kind, op) set, from one ledger file."""
+    data = json.loads(open(path).read())
+    totals = defaultdict(lambda: [0, 0])
+    for record in data["records"]:
+        totals[record["op"]][0] += record["count"]
+        totals[record["op"]][1] += record["bytes"]
+    return data, {op: tuple(v) for op, v in totals.items()}
+
+
+def assert_comm(results, expected: dict):
+    """Measured bytes == the analytical model per micro-step, and == hand-computed totals for the run."""
+    for rank, result in enumerate(results):
+        for case, want in expected.items():
+            r = result["comm"][case]
+            assert r["max_abs_diff"] <= PARITY_ABS_TOL, f"counting changed the training result: {r}"
+            data, totals = ledger_totals(r["ledger_file"])
+            assert data["meta"]["micro_steps"] == COMM_STEPS
+            assert model.compare(data) == [], f"rank {rank} {case}: measured != model"
+            assert totals == want, f"rank {rank} {case}: measured {totals}, expected {want}"
+
+
 # ---------------------------------------------------------------- FSDP2 tests
 @pytest.mark.slow
 def test_fsdp_pma_equals_single_process(results):
@@ -121,3 +150,24 @@ def test_fsdp_dcp_resume_mid_period_is_bit_identical(results):
 @pytest.mark.slow
 def test_fsdp_checkpoint_errors(results):
     assert_errors(results)
+
+
+def fsdp_unit_bytes(world: int) -> list:
+    """FSDP2 pads dim 0 (out_features) of each weight and bias to a multiple of the world size."""
+    return [-(-out // world) * world * (inp + 1) * FP32 for inp, out in LAYERS]
+
+
+@pytest.mark.slow
+def test_fsdp_measured_bytes_equal_the_model(results):
+    units = fsdp_unit_bytes(WORLD)
+    assert units == [216, 168, 192, 128]  # 5 and 7 rows pad to 6 and 8
+    syncs_ga = COMM_STEPS // PERIOD
+    # every micro-step all-gathers each unit in forward and again in backward (the root holds no params)
+    gathers = (2 * len(units) * COMM_STEPS, 2 * sum(units) * COMM_STEPS)
+    assert_comm(results, {
+        "pma": {"all_gather": gathers,
+                "reduce_scatter": (len(units) * COMM_STEPS, sum(units) * COMM_STEPS),
+                "all_reduce": (COMM_STEPS, FP32 * COMM_STEPS)},  # the clipping norm
+        "ga": {"all_gather": gathers,
+               "reduce_scatter": (len(units) * syncs_ga, sum(units) * syncs_ga)},
+    })

@@ -6,7 +6,10 @@ Writes DIR/results_rank{R}.json; the tests assert on it. Checks:
 * parity: the backend's run of each optimizer equals a single-process run on the global batch;
 * shards (fsdp): every optimizer state tensor of a rank is that rank's shard of the parameter;
 * resume: DCP save mid-period -> load into a differently initialised model -> the next steps are bit-identical;
-* errors: a checkpoint of another period, and saving mid-accumulation, are refused with clear messages.
+* errors: a checkpoint of another period, and saving mid-accumulation, are refused with clear messages;
+* comm: PMA (with gradient clipping) and GA runs under the communication ledger write
+  DIR/comm_{pma,ga}/comm_rank{R}.json for the tests to hold against the analytical model; the ledger's
+  DDP comm hook must not change the result (the run is also compared with one process).
 """
 from __future__ import annotations
 
@@ -170,6 +173,30 @@ def check_errors(backend: str, rank: int, world: int, out: Path) -> dict:
     return errors
 
 
+COMM_CASES = {
+    # name: (parity case whose single-process reference the run must still match, max_grad_norm)
+    "pma": ("adamw_pma_paper_clipped", 0.5),
+    "ga": ("adamw_ga", 0.0),
+}
+COMM_STEPS = 2 * PERIOD
+
+
+def check_comm(backend: str, rank: int, world: int, out: Path) -> dict:
+    results = {}
+    for name, (case, clip) in COMM_CASES.items():
+        optimizer, kwargs, _ = PARITY_CASES[case]
+        reference, _ = single_process_run(optimizer, kwargs, clip, world)
+        profile = {"enabled": True, "output_dir": str(out / f"comm_{name}"), "report": False}
+        trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, max_grad_norm=clip,
+                        comm_profile=profile)
+        for step in range(COMM_STEPS):
+            trainer.micro_step(local_loss_fn(step, rank, world))
+        trainer.close()
+        diff = max((a - b).abs().max().item() for a, b in zip(full_params(trainer.model), reference[COMM_STEPS - 1]))
+        results[name] = dict(max_abs_diff=diff, ledger_file=str(Path(profile["output_dir"]) / f"comm_rank{rank}.json"))
+    return results
+
+
 def _message(action) -> str:
     try:
         action()
@@ -190,6 +217,7 @@ def main():
         results["parity"], results["shards"] = check_parity(args.backend, rank, world)
         results["resume"] = check_resume(args.backend, rank, world, args.out)
         results["errors"] = check_errors(args.backend, rank, world, args.out)
+        results["comm"] = check_comm(args.backend, rank, world, args.out)
     except Exception:
         results["crash"] = traceback.format_exc()
         print(results["crash"], flush=True)
