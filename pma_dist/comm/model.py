@@ -7,8 +7,8 @@ real thing under a :class:`~pma_dist.comm.ledger.CommLedger` and assert measured
 byte. What each rule stands on (DeepSpeed 0.19.8 source):
 
 - ZeRO-0 (``engine.allreduce_gradients``): at an accumulation boundary, the gradients are all-reduced in
-  buckets of ``MEMORY_OPT_ALLREDUCE_SIZE`` elements; with ``gradient_clipping > 0`` the step all-reduces
-  one fp32 norm.
+  buckets of ``MEMORY_OPT_ALLREDUCE_SIZE`` elements; with ``gradient_clipping > 0`` an fp32 run's step
+  all-reduces one fp32 norm (bf16/fp16 wrappers clip locally).
 - ZeRO-1/2 (``stage_1_and_2.py``): gradients are all-reduced in ``reduce_bucket_size`` buckets, ZeRO-2 on
   every micro-step, ZeRO-1 at the boundary only. The step all-reduces a uint8 overflow flag (bf16 with
   ``check_grad_overflow``, fp16) and an fp32 norm (``compute_grad_norm``), then all-gathers each param
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000  # deepspeed.runtime.constants, elements per ZeRO-0 bucket
+MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000  # deepspeed.runtime.engine, elements per ZeRO-0 bucket
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: flat buffers padded to a multiple of 2 * N elements
 FP32_SCALAR, FP64_SCALAR, UINT8_SCALAR = 4, 8, 1
 
@@ -144,7 +144,9 @@ def _zero0(s: Setup, boundary: bool) -> List[Message]:
         return []
     out = [Message("backward", "all_reduce", n * s.grad_bytes)
            for n in _buckets(s.param_numels, MEMORY_OPT_ALLREDUCE_SIZE)]
-    if s.gradient_clipping > 0:
+    if s.gradient_clipping > 0 and s.dtype == "float32":
+        # engine._take_model_step clips fp32 itself (a norm all-reduce); the bf16/fp16 wrappers clip
+        # the already all-reduced gradients locally and send nothing.
         out.append(Message("step", "all_reduce", FP32_SCALAR))
     return out
 
