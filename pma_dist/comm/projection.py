@@ -110,10 +110,35 @@ def period_seconds(comm_steps: List[Dict[str, float]], compute: float, optimizer
             "optimizer_s": steps * optimizer, "serial_s": base + comm, "overlapped_s": base + exposed}
 
 
-def _default_traffic() -> TrafficModel:
+GRADIENT_CLIPPING = 1.0  # DeepSpeed's default; adds one scalar all-reduce per optimizer step
+
+
+def model_period_records(stage: int, world_size: int, period: int, dtype: str, param_count: int,
+                         pma: bool) -> List[dict]:
+    """One period of :mod:`pma_dist.comm.model`'s messages for a ``param_count`` model, as ledger records.
+
+    Large-model ZeRO-3: the model's rule is exact for models whose gathered parameters stay live; a model
+    bigger than ``max_live_parameters`` releases each module's parameters after forward and gathers
+    them again for backward, so the projection adds one backward re-gather of the same bytes as the
+    forward gather (``model.zero3_exact`` tells which case applies).
+    """
     from . import model
 
-    return model.projected_period_records
+    setup = model.Setup.for_param_count(param_count, zero_stage=stage, world_size=world_size, period=period,
+                                        pma=pma, dtype=dtype, gradient_clipping=GRADIENT_CLIPPING)
+    regather = stage == 3 and not model.zero3_exact(setup)
+    records = []
+    for i in range(period):
+        for m in model.micro_step_messages(setup, i):
+            records.append({"micro_step": i, "phase": m.phase, "op": m.op, "count": 1, "bytes": m.bytes})
+            if regather and m.phase == "forward" and m.op == "all_gather":
+                records.append({"micro_step": i, "phase": "backward", "op": "all_gather", "count": 1,
+                                "bytes": m.bytes})
+    return records
+
+
+def _default_traffic() -> TrafficModel:
+    return model_period_records
 
 
 def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Optional[float] = None,

@@ -5,9 +5,10 @@ and ``pma-dist report RUN_DIR [--baseline GA_RUN_DIR] [--topology NAME|FILE]`` c
 
 Steady state. Micro-step ``i`` (0-based, the engine's counter) belongs to period ``i // K``; for PMA the
 large step closes each period and for GA the boundary does. The per-period numbers are the mean over
-the complete periods after the first (the first carries one-time set-up traffic, e.g. ZeRO's first
-step); with a single complete period it is used as is. ``steady`` says whether every counted period
-sent exactly the same messages, i.e. whether the per-period bytes are exact rather than a mean.
+the complete periods after the first (the first carries one-time set-up traffic: ZeRO's first step,
+ZeRO-3's two trace-recording micro-steps -- ``model.warmup_micro_steps``); with too few periods the last
+one is used as is. ``steady`` says whether every counted period sent exactly the same messages, i.e.
+whether the per-period bytes are exact rather than a mean.
 Counts and bytes are rank 0's (``ranks_agree`` says whether all ranks logged the same); seconds are
 the mean over ranks. How to read the report: ``docs/comm_report.md``.
 """
@@ -143,6 +144,16 @@ def _mean_seconds(run: Run) -> Dict[Key, float]:
     return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
+def warmup_micro_steps(meta: dict) -> int:
+    """Micro-steps whose traffic is one-time (ZeRO-3 records its module trace in the first two)."""
+    from . import model
+
+    try:
+        return model.warmup_micro_steps(model.Setup.from_meta(meta))
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
 def summarize(run: Run) -> dict:
     """The per-run section of ``report.json``."""
     meta = run.meta
@@ -165,7 +176,11 @@ def summarize(run: Run) -> dict:
     if micro_steps % period:
         notes.append(f"{micro_steps % period} micro-step(s) after the last complete period are left out of "
                      "the per-period numbers")
-    counted = list(range(1, complete)) if complete > 1 else [0]
+    skip = max(1, -(-warmup_micro_steps(meta) // period))  # periods holding one-time set-up traffic
+    counted = list(range(skip, complete)) if complete > skip else [complete - 1]
+    if complete <= skip:
+        notes.append(f"only {complete} complete period(s): per-period numbers include one-time set-up traffic "
+                     f"(the first {skip} period(s) are normally left out)")
     per_period_list: List[Dict[str, dict]] = [defaultdict(_zero) for _ in range(complete)]
     by_phase: Dict[str, Dict[str, dict]] = defaultdict(lambda: defaultdict(_zero))
     by_kind: Dict[str, Dict[str, dict]] = defaultdict(lambda: defaultdict(_zero))
@@ -271,29 +286,29 @@ def compare(run: dict, baseline: dict) -> dict:
     return {"per_period": per_period, "total": totals, "notes": notes}
 
 
-# --- the analytical model, when it is there ------------------------------------------------------
-def model_check(summary: dict, meta: dict) -> Optional[dict]:
-    """Measured per-period bytes and counts next to :mod:`pma_dist.comm.model`'s prediction."""
+# --- the analytical model ----------------------------------------------------------------------
+def model_check(summary: dict, run: Run) -> dict:
+    """Measured per-period counts and bytes next to :mod:`pma_dist.comm.model`'s, plus its per-micro-step check."""
+    from . import model
+
     try:
-        from . import model
-    except ImportError:
-        return None
-    predict = getattr(model, "predict_from_meta", None)
-    if predict is None:
-        return None
-    try:
-        predicted = predict(meta)
-    except Exception as exc:  # a set-up the model does not cover is reported, not fatal
+        setup = model.Setup.from_meta(run.meta)
+        predicted = model.period_totals(setup)
+        problems = model.compare({"meta": run.meta, "records": [
+            {"micro_step": k[0], "pma_kind": k[1], "phase": k[2], "op": k[3], "count": c, "bytes": b}
+            for k, (c, b, _) in run.ranks[min(run.ranks)].records.items()]})
+    except (KeyError, ValueError, TypeError) as exc:  # a set-up the model does not cover is reported, not fatal
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
     rows, agree = {}, True
     for op in sorted(set(predicted) | set(summary["collectives"])):
         measured = summary["collectives"].get(op, {}).get("per_period", _zero())
-        want = predicted.get(op, {"count": 0, "bytes": 0})
-        same = measured["count"] == want["count"] and measured["bytes"] == want["bytes"]
+        count, nbytes = predicted.get(op, (0, 0))
+        same = measured["count"] == count and measured["bytes"] == nbytes
         agree &= same
-        rows[op] = {"measured_count": measured["count"], "model_count": want["count"],
-                    "measured_bytes": measured["bytes"], "model_bytes": want["bytes"], "equal": same}
-    return {"available": True, "agree": agree, "per_period": rows}
+        rows[op] = {"measured_count": measured["count"], "model_count": count,
+                    "measured_bytes": measured["bytes"], "model_bytes": nbytes, "equal": same}
+    return {"available": True, "agree": agree, "per_period": rows,
+            "micro_step_mismatches": problems[:10], "micro_steps_checked_from": model.warmup_micro_steps(setup)}
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -303,14 +318,14 @@ def build_report(run_dir, baseline_dir=None, topology=None, *, period: Optional[
 
     run = load_run(run_dir)
     summary = summarize(run)
-    report = {"kind": REPORT_KIND, "version": 1, "run": summary, "model": model_check(summary, run.meta)}
+    report = {"kind": REPORT_KIND, "version": 1, "run": summary, "model": model_check(summary, run)}
     if baseline_dir is not None:
         baseline_run = load_run(baseline_dir)
         baseline = summarize(baseline_run)
         report["baseline"] = baseline
-        report["baseline_model"] = model_check(baseline, baseline_run.meta)
+        report["baseline_model"] = model_check(baseline, baseline_run)
         report["ratios_vs_baseline"] = compare(summary, baseline)
-    projection = project(topology, period=period or summary["period"], mfu=mfu)
+    projection = project(topology, period=summary["period"] if period is None else period, mfu=mfu)
     report["projection"] = projection
     report["recommendations"] = recommendations(projection)
     return report
