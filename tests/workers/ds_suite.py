@@ -1,0 +1,441 @@
+"""One 2-rank launch that exercises the DeepSpeed integration case by case and writes JSON results.
+
+Every case builds a fresh engine from a shipped ``ds_configs/*.json`` (registered only through the
+config's ``optimizer.type`` unless the case says "client"), trains a deep linear net on a fixed
+global batch split across the ranks, and records numbers that ``tests/test_deepspeed.py`` asserts
+on: the relative error of the parameter update against a single-process run of the same
+optimizer on the whole global batch, the optimizer's step counters, state sizes, error messages.
+A failing case records its traceback instead of stopping the others.
+
+Usage: ``torchrun --nproc_per_node=2 ds_suite.py --out results.json --ckpt DIR [--cases a,b]``
+       ``ds_suite.py --universal DIR --out results.json`` (resume a universal checkpoint, any world size)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import pma_dist
+from pma_dist import AdamWPMA, LionPMA
+from pma_dist.distributed import pop_local_rank_arg, shutdown
+
+import deepspeed  # noqa: E402  (after pma_dist, as a user would)
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "ds_configs"
+
+PERIOD = 4
+PERIODS = 3
+STEPS = PERIOD * PERIODS
+MICRO = 2  # rows per rank per micro-step
+DIM, DEPTH = 16, 4
+SAVE_AT = 5  # mid-period: tau = 1
+HYPER = {
+    "AdamWPMA": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-3, "weight_decay": 0.01, "period": PERIOD},
+    "LionPMA": {"lr": 1e-3, "betas": [0.95, 0.98], "weight_decay": 0.01, "period": PERIOD},
+}
+CLASSES = {"AdamWPMA": AdamWPMA, "LionPMA": LionPMA}
+NO_DECAY_GROUP = {"weight_decay": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- problem
+def make_model() -> torch.nn.Module:
+    """A deep linear net: well conditioned (orthogonal layers), every weight gets a real gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(DIM, DIM) for _ in range(DEPTH)])
+    with torch.no_grad():
+        for layer in model:
+            torch.nn.init.orthogonal_(layer.weight)
+            layer.bias.normal_(0.0, 0.1)
+    return model
+
+
+def param_groups(model):
+    """Two groups (weights with decay, biases without) so ZeRO-1/2 step once per group."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": weights}, dict(NO_DECAY_GROUP, params=biases)]
+
+
+def global_batch(step: int, world: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    target = torch.Generator().manual_seed(7)
+    w_true = torch.randn(DIM, DIM, generator=target) / math.sqrt(DIM)
+    x = torch.randn(world * MICRO, DIM, generator=g)
+    y = x @ w_true + 0.1 * torch.randn(world * MICRO, DIM, generator=g)
+    return x, y
+
+
+def local_batch(step: int, rank: int, world: int):
+    x, y = global_batch(step, world)
+    return x[rank * MICRO:(rank + 1) * MICRO], y[rank * MICRO:(rank + 1) * MICRO]
+
+
+def reference_updates(name: str, params: dict, world: int, steps: int = STEPS):
+    """The same optimizer in one process on the whole global batch (no DeepSpeed)."""
+    model = make_model()
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = CLASSES[name](param_groups(model), **dict(params, betas=tuple(params["betas"])))
+    for step in range(steps):
+        x, y = global_batch(step, world)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach() - s for p, s in zip(model.parameters(), start)], optimizer
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def load_config(name: str, **overrides) -> dict:
+    cfg = json.loads((CONFIGS / name).read_text())
+    cfg["train_micro_batch_size_per_gpu"] = MICRO
+    cfg["gradient_clipping"] = 0.0  # DeepSpeed's default 1.0 would clip, the reference does not
+    cfg["steps_per_print"] = 10**6
+    opt = cfg.get("optimizer")
+    if opt is not None and opt["type"] in HYPER:
+        shipped_period = opt["params"].get("period")
+        opt["params"] = dict(opt["params"], **HYPER[opt["type"]])
+        if shipped_period == 1:  # a GA baseline: keep the plain optimizer
+            opt["params"]["period"] = 1
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def build(cfg: dict, client=None):
+    """``client``: None (optimizer from the config), a factory tagged ``as_instance`` (we pass the
+    optimizer it makes, as users who build their own do) or a callable DeepSpeed calls itself."""
+    model = make_model()
+    optimizer = client
+    if getattr(client, "as_instance", False):
+        optimizer = client(param_groups(model))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg,
+                                      optimizer=optimizer)
+    return engine
+
+
+def train(engine, steps, rank, world, first=0, poison_step=None):
+    dtype = next(engine.module.parameters()).dtype
+    for step in range(first, first + steps):
+        x, y = local_batch(step, rank, world)
+        loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+        if step == poison_step:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        engine.step()
+
+
+def full_params(engine):
+    params = list(engine.module.parameters())
+    stage3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, enabled=stage3):
+        return [p.detach().float().clone() for p in params]
+
+
+def initial_params():
+    return [p.detach().clone() for p in make_model().parameters()]
+
+
+def rel_error(updates, reference) -> float:
+    a = torch.cat([u.flatten().double() for u in updates])
+    b = torch.cat([r.flatten().double() for r in reference])
+    return float((a - b).norm() / b.norm())
+
+
+def optimizer_facts(engine) -> dict:
+    basic = engine.basic_optimizer
+    numel = sum(state["exp_avg"].numel() for state in basic.state.values() if "exp_avg" in state)
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, numel)
+    return {
+        "group_steps": [group.get("step") for group in basic.param_groups],
+        "tensor_steps": sorted({float(s["step"]) for s in basic.state.values() if "step" in s}),
+        "state_numel_per_rank": counts,
+        "model_numel": sum(p.numel() for p in make_model().parameters()),
+        "wrapper": type(engine.optimizer).__name__,
+        "basic": type(basic).__name__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- cases
+def parity_case(config_name, opt_name, rank, world, client=None, unwrap_step=False, **overrides):
+    cfg = load_config(config_name, **overrides)
+    if client is not None:
+        cfg.pop("optimizer", None)
+    engine = build(cfg, client)
+    if unwrap_step:  # control: without one_logical_step each ZeRO-3 sub-group would advance the clock
+        vars(engine.optimizer).pop("step")
+    train(engine, STEPS, rank, world)
+    updates = [p - s for p, s in zip(full_params(engine), initial_params())]
+    reference, ref_opt = reference_updates(opt_name, HYPER[opt_name], world)
+    result = optimizer_facts(engine)
+    result["rel_err"] = rel_error(updates, reference)
+    result["reference_group_steps"] = [g["step"] for g in ref_opt.param_groups]
+    if engine.zero_optimization_stage() == 3:
+        result["sub_groups"] = len(engine.optimizer.fp16_groups)
+    engine.destroy()
+    return result
+
+
+def bf16_case(config_name, opt_name, rank, world, **overrides):
+    cfg = load_config(config_name, **overrides)
+    engine = build(cfg)
+    basic = engine.basic_optimizer
+    # Right after initialize: DeepSpeed's setup step (if any) must have left the PMA state untouched.
+    setup = {
+        "group_steps_after_init": [g["step"] for g in basic.param_groups],
+        "moments_zero_after_init": all(float(t.abs().sum()) == 0.0 for s in basic.state.values()
+                                       for k, t in s.items() if k.startswith("exp_avg")),
+        "masters_equal_model_after_init": _masters_match_model(engine),
+    }
+    train(engine, STEPS, rank, world)
+    updates = [p - s for p, s in zip(full_params(engine), initial_params())]
+    reference, _ = reference_updates(opt_name, HYPER[opt_name], world)
+    result = optimizer_facts(engine)
+    result.update(setup)
+    result["rel_err"] = rel_error(updates, reference)
+    result["finite"] = all(bool(torch.isfinite(u).all()) for u in updates)
+    engine.destroy()
+    return result
+
+
+def _masters_match_model(engine) -> bool:
+    """Each fp32 master (or this rank's flat slice of its group) still equals the bf16 model weights:
+    DeepSpeed's setup step applied no update (not even weight decay)."""
+    if engine.zero_optimization_stage() == 3:
+        return True  # parameters are partitioned; covered by the moments/steps checks
+    rank = dist.get_rank()
+    for group, model_group in zip(engine.basic_optimizer.param_groups, param_groups(engine.module)):
+        master = torch.cat([m.detach().float().flatten() for m in group["params"]])
+        model = torch.cat([p.detach().float().flatten() for p in model_group["params"]])
+        if master.numel() != model.numel():  # ZeRO-1/2 and BF16_Optimizer: one flat slice per rank
+            start = rank * master.numel()
+            model = torch.nn.functional.pad(model, (0, max(0, start + master.numel() - model.numel())))
+            model = model[start:start + master.numel()]
+        if not torch.equal(master, model):
+            return False
+    return True
+
+
+def overflow_case(config_name, rank, world, **overrides):
+    """fp16: an inf loss overflows, DeepSpeed skips the step, the PMA clock must not advance."""
+    cfg = load_config(config_name, **overrides)
+    cfg.pop("bf16", None)
+    cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
+    engine = build(cfg)
+    train(engine, 3, rank, world)
+    before = [g["step"] for g in engine.basic_optimizer.param_groups]
+    train(engine, 1, rank, world, first=3, poison_step=3)
+    after_poison = [g["step"] for g in engine.basic_optimizer.param_groups]
+    train(engine, 2, rank, world, first=4)
+    result = optimizer_facts(engine)
+    result.update(steps_before=before, steps_after_overflow=after_poison, skipped_steps=engine.skipped_steps,
+                  global_steps=engine.global_steps)
+    engine.destroy()
+    return result
+
+
+def error_case(cfg, rank, world, client=None):
+    try:
+        engine = build(cfg, client)
+    except Exception as error:  # the message is the result
+        return {"raised": type(error).__name__, "message": str(error)}
+    result = {"raised": None, "ga": engine.gradient_accumulation_steps()}
+    engine.destroy()
+    return result
+
+
+def resume_case(config_name, opt_name, rank, world, ckpt_dir: Path, **overrides):
+    """Save at micro-step SAVE_AT, load into a fresh engine, finish: must equal the uninterrupted run."""
+    cfg = load_config(config_name, **overrides)
+    straight = build(cfg)
+    train(straight, STEPS, rank, world)
+    uninterrupted = full_params(straight)
+    straight.destroy()
+
+    first = build(cfg)
+    train(first, SAVE_AT, rank, world)
+    first.save_checkpoint(str(ckpt_dir), tag=f"global_step{SAVE_AT}")
+    first.destroy()
+
+    second = build(cfg)
+    second.load_checkpoint(str(ckpt_dir), tag=f"global_step{SAVE_AT}")
+    steps_after_load = [g["step"] for g in second.basic_optimizer.param_groups]
+    train(second, STEPS - SAVE_AT, rank, world, first=SAVE_AT)
+    resumed = full_params(second)
+    result = optimizer_facts(second)
+    second.destroy()
+    result.update(
+        steps_after_load=steps_after_load,
+        bit_identical=all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted)),
+        max_abs_diff=max(float((a - b).abs().max()) for a, b in zip(resumed, uninterrupted)),
+        checkpoint=str(ckpt_dir / f"global_step{SAVE_AT}"),
+    )
+    return result
+
+
+def universal_resume(folder: Path, rank, world, config_name="zero2_adamw_pma_fp32.json", opt_name="AdamWPMA"):
+    """Load a universal checkpoint (saved at SAVE_AT on another world size) and finish the run."""
+    cfg = load_config(config_name, checkpoint={"load_universal": True})
+    engine = build(cfg)
+    engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                           load_lr_scheduler_states=False)
+    steps_after_load = [g["step"] for g in engine.basic_optimizer.param_groups]
+    # The data order is defined on the original 2-rank layout: row blocks of the global batch.
+    orig_world = 2
+    dtype = next(engine.module.parameters()).dtype
+    for step in range(SAVE_AT, STEPS):
+        x, y = global_batch(step, orig_world)
+        rows = x.shape[0] // world
+        xs, ys = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        loss = torch.nn.functional.mse_loss(engine(xs.to(dtype)).float(), ys)
+        engine.backward(loss)
+        engine.step()
+    updates = [p - s for p, s in zip(full_params(engine), initial_params())]
+    reference, ref_opt = reference_updates(opt_name, HYPER[opt_name], orig_world)
+    result = optimizer_facts(engine)
+    result.update(steps_after_load=steps_after_load, rel_err=rel_error(updates, reference),
+                  reference_group_steps=[g["step"] for g in ref_opt.param_groups], world=world)
+    engine.destroy()
+    return result
+
+
+def make_cases(rank, world, ckpt: Path):
+    cases = {}
+    for stage in (0, 1, 2, 3):
+        for opt_name, short in (("AdamWPMA", "adamw_pma"), ("LionPMA", "lion_pma")):
+            overrides = {}
+            if stage == 3:  # small sub-groups: several per param group, stepped one by one
+                zero = json.loads((CONFIGS / f"zero3_{short}_fp32.json").read_text())["zero_optimization"]
+                overrides["zero_optimization"] = dict(zero, sub_group_size=300)
+            cases[f"parity_zero{stage}_{short}"] = (
+                lambda s=stage, o=opt_name, sh=short, ov=overrides:
+                parity_case(f"zero{s}_{sh}_fp32.json", o, rank, world, **ov))
+
+    zero3 = json.loads((CONFIGS / "zero3_adamw_pma_fp32.json").read_text())["zero_optimization"]
+    cases["control_zero3_sub_groups_unwrapped"] = lambda: parity_case(
+        "zero3_adamw_pma_fp32.json", "AdamWPMA", rank, world, unwrap_step=True,
+        zero_optimization=dict(zero3, sub_group_size=300))
+
+    def client_instance(params):
+        return AdamWPMA(params, **dict(HYPER["AdamWPMA"], betas=tuple(HYPER["AdamWPMA"]["betas"])))
+
+    client_instance.as_instance = True
+
+    def client_callable(params):
+        return LionPMA(params, **dict(HYPER["LionPMA"], betas=tuple(HYPER["LionPMA"]["betas"])))
+
+    offload_zero2 = json.loads((CONFIGS / "zero2_offload_adamw_pma_bf16.json").read_text())["zero_optimization"]
+    offload_zero3 = json.loads((CONFIGS / "zero3_offload_lion_pma_bf16.json").read_text())["zero_optimization"]
+    cases.update({
+        "client_instance_zero2_offload": lambda: parity_case(
+            "zero2_adamw_pma_fp32.json", "AdamWPMA", rank, world, client=client_instance,
+            zero_optimization=offload_zero2),
+        "client_callable_zero1": lambda: parity_case(
+            "zero1_lion_pma_fp32.json", "LionPMA", rank, world, client=client_callable),
+        "offload_zero2_adamw_pma": lambda: parity_case(
+            "zero2_adamw_pma_fp32.json", "AdamWPMA", rank, world, zero_optimization=offload_zero2),
+        "offload_zero3_lion_pma": lambda: parity_case(
+            "zero3_lion_pma_fp32.json", "LionPMA", rank, world, zero_optimization=dict(offload_zero3,
+                                                                                      sub_group_size=300)),
+        "bf16_zero0_adamw_pma": lambda: bf16_case("zero0_adamw_pma_bf16.json", "AdamWPMA", rank, world),
+        "bf16_zero1_fp32acc_adamw_pma": lambda: bf16_case("zero1_adamw_pma_bf16.json", "AdamWPMA", rank, world,
+                                                          data_types={"grad_accum_dtype": "fp32"}),
+        "bf16_zero2_lion_pma": lambda: bf16_case("zero2_lion_pma_bf16.json", "LionPMA", rank, world),
+        "bf16_zero3_adamw_pma": lambda: bf16_case("zero3_adamw_pma_bf16.json", "AdamWPMA", rank, world),
+        "fp16_overflow_zero0": lambda: overflow_case("zero0_adamw_pma_fp32.json", rank, world),
+        "fp16_overflow_zero2": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world),
+        "error_ga_explicit": lambda: error_case(load_config("zero2_adamw_pma_fp32.json",
+                                                            gradient_accumulation_steps=4), rank, world),
+        "error_ga_implied": lambda: error_case(
+            {k: v for k, v in load_config("zero1_lion_pma_fp32.json", train_batch_size=MICRO * world * 2).items()
+             if k != "gradient_accumulation_steps"}, rank, world),
+        "error_ga_client": lambda: error_case(
+            {k: v for k, v in load_config("zero0_adamw_pma_fp32.json", gradient_accumulation_steps=2).items()
+             if k != "optimizer"}, rank, world, client=client_instance),
+        "error_typo": lambda: error_case(_with_params(load_config("zero2_adamw_pma_fp32.json"), perod=4),
+                                         rank, world),
+        "error_bad_value": lambda: error_case(_with_params(load_config("zero0_lion_pma_fp32.json"),
+                                                           period="auto"), rank, world),
+        "ga_baseline_lion_period1": lambda: error_case(load_config("zero2_lion_ga_fp32.json"), rank, world),
+        "case_insensitive_type": lambda: error_case(_with_type(load_config("zero1_adamw_pma_fp32.json"),
+                                                               "adamwpma"), rank, world),
+        "resume_zero0_adamw_pma": lambda: resume_case("zero0_adamw_pma_fp32.json", "AdamWPMA", rank, world,
+                                                      ckpt / "zero0"),
+        "resume_zero2_adamw_pma": lambda: resume_case("zero2_adamw_pma_fp32.json", "AdamWPMA", rank, world,
+                                                      ckpt / "zero2"),
+        "resume_zero3_lion_pma": lambda: resume_case("zero3_lion_pma_fp32.json", "LionPMA", rank, world,
+                                                     ckpt / "zero3"),
+    })
+    return cases
+
+
+def _with_params(cfg, **params):
+    cfg = copy.deepcopy(cfg)
+    cfg["optimizer"]["params"].update(params)
+    return cfg
+
+
+def _with_type(cfg, name):
+    cfg = copy.deepcopy(cfg)
+    cfg["optimizer"]["type"] = name
+    return cfg
+
+
+def main():
+    pop_local_rank_arg()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--cases", default="")
+    parser.add_argument("--universal", default=None, help="resume this universal checkpoint folder")
+    args = parser.parse_args()
+    ds_logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's notes on DeepSpeed's collectives
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    if args.universal:
+        todo = {"universal_resume": lambda: universal_resume(Path(args.universal), rank, world)}
+    else:
+        todo = make_cases(rank, world, Path(args.ckpt))
+        if args.cases:
+            wanted = args.cases.split(",")
+            unknown = [c for c in wanted if c not in todo]
+            if unknown:
+                raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(todo)}")
+            todo = {name: todo[name] for name in wanted}
+
+    results = {"world": world, "pma_dist": pma_dist.__version__, "deepspeed": deepspeed.__version__}
+    for name, case in todo.items():
+        try:
+            results[name] = case()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+        if rank == 0:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            print(f"case {name}: {'ERROR' if 'error' in results[name] else 'ok'}", flush=True)
+    shutdown(0)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as stop:
+        print(stop, file=sys.stderr)
+        shutdown(2)
+    except BaseException:
+        traceback.print_exc()
+        shutdown(1)
