@@ -122,6 +122,11 @@ class ParallelTrainer:
         self.micro_steps = 0
         self.comm_ledger = None  # a pma_dist.comm.CommLedger once setup(comm_profile=...) switched it on
 
+    @property
+    def module(self) -> nn.Module:
+        """The user's model: DDP's ``.module``; under FSDP2 the sharded model itself (same class)."""
+        return self.model.module if self.backend == "ddp" else self.model
+
     # ------------------------------------------------------------------ training
     @property
     def accumulation_steps(self) -> int:
