@@ -104,7 +104,8 @@ def test_report_of_synthetic_runs_with_a_preset(tmp_path, capsys):
     assert rep["plots"] == [] and not (pma / "projection.png").exists()
     sizes = {r["model"] for r in rep["projection"]["rows"]}
     assert sizes == {"0.5B (Qwen2-0.5B)", "2.7B (Phi-2)", "7B (Llama-2-7B)"}
-    assert {r["zero_stage"] for r in rep["projection"]["rows"]} == {0, 1, 2, 3}
+    assert [r["setup"] for r in rep["projection"]["rows"][:6]] == ["ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3",
+                                                                   "FSDP2", "DDP"]
     assert rep["recommendations"] and all("%" in r["text"] for r in rep["recommendations"])
     assert "about 2% slower per iteration" in (pma / "report.md").read_text()
 
@@ -113,7 +114,7 @@ def test_project_and_topologies_commands(tmp_path, capsys):
     out = tmp_path / "proj.json"
     assert cli.main(["project", "--topology", "a40x8-4node-200g", "--period", "16", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "a40x8-4node-200g" in printed and "| 7B (Llama-2-7B) | 3 |" in printed
+    assert "a40x8-4node-200g" in printed and "| 7B (Llama-2-7B) | ZeRO-3 |" in printed
     projection = json.loads(out.read_text())
     assert projection["period"] == 16 and projection["topology"]["world_size"] == 32
     assert cli.main(["topologies"]) == 0

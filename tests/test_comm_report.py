@@ -45,13 +45,13 @@ def write_synthetic_run(run_dir, *, pma: bool, period: int = 4, periods: int = 3
     return run_dir
 
 
-def fake_traffic(stage, world, period, dtype, params, pma):
+def fake_traffic(setup, world, period, dtype, params, pma, layers=32):
     """A stand-in byte model for projection arithmetic tests (2 bytes per parameter messages)."""
     nbytes = 2 * params
     records = []
     for i in range(period):
         boundary = i == period - 1
-        if stage >= 2 or pma or boundary:
+        if setup in ("ZeRO-2", "ZeRO-3", "FSDP2") or pma or boundary:
             records.append(dict(micro_step=i, phase="backward", op="reduce_scatter", count=1, bytes=nbytes))
         if pma or boundary:
             records.append(dict(micro_step=i, phase="step", op="all_gather", count=1, bytes=nbytes))
@@ -261,7 +261,7 @@ def test_bad_run_folders_name_the_problem(tmp_path):
 
 # --- projection arithmetic (with a stand-in byte model; the real one is used in test_cli) ---------
 def test_projection_prices_periods_from_the_byte_model():
-    p = projection.project("a40x8", period=4, traffic=fake_traffic, model_sizes={"1B": 10**9}, stages=(2,))
+    p = projection.project("a40x8", period=4, traffic=fake_traffic, model_sizes={"1B": 10**9}, setups=("ZeRO-2",))
     (row,) = p["rows"]
     topo = PRESETS["a40x8"]
     a = projection.Assumptions()

@@ -26,9 +26,13 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 from .topology import Topology, load_topology
 
-# The paper's models (PMA paper, Table 1: Qwen2-0.5B, Phi-2-2.7B, Llama2-7B); parameter counts from the
-# models' published configs.
+# The paper's models (PMA paper, Table 1: Qwen2-0.5B, Phi-2-2.7B, Llama2-7B); parameter counts and layer
+# counts from the models' published configs. Layers set FSDP2's units (one fully_shard per layer).
 MODEL_SIZES = {"0.5B (Qwen2-0.5B)": 494_032_768, "2.7B (Phi-2)": 2_779_683_840, "7B (Llama-2-7B)": 6_738_415_616}
+MODEL_LAYERS = {"0.5B (Qwen2-0.5B)": 24, "2.7B (Phi-2)": 32, "7B (Llama-2-7B)": 32}
+DEFAULT_LAYERS = 32
+#: the set-ups priced: DeepSpeed ZeRO 0-3, PyTorch FSDP2 (one unit per layer) and DDP
+SETUPS = ("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2", "DDP")
 
 MICRO_BATCH_SEQUENCES = 4    # the paper's SFT batch B = 32 over 8 GPUs (Sec. 5.1) -> 4 sequences per GPU
 SEQUENCE_LENGTH = 1024       # assumed; the paper does not state it
@@ -36,16 +40,18 @@ DEFAULT_MFU = 0.40           # assumed model FLOPs utilisation of the dense bf16
 OPTIMIZER_BYTES_PER_PARAM = 32  # AdamW, fp32 master: read param/grad/m/v (16 B), write param/m/v (12 B),
                                 # write the bf16 model copy (2 B) and read the bf16 grad (2 B)
 MEMORY_EFFICIENCY = 0.80     # assumed achievable fraction of the memory bandwidth for the fused update
-MODEL_STATE_BYTES = {0: (16, 0), 1: (4, 12), 2: (2, 14), 3: (0, 16)}  # (replicated, partitioned) B/param:
+MODEL_STATE_BYTES = {"ZeRO-0": (16, 0), "ZeRO-1": (4, 12), "ZeRO-2": (2, 14), "ZeRO-3": (0, 16), "FSDP2": (0, 16),
+                     "DDP": (16, 0)}  # (replicated, partitioned) B/param:
 # bf16 params 2 + bf16 grads 2 + fp32 master/m/v 12 (ZeRO paper, Rajbhandari et al. 2020, Sec. 3.1)
 PAPER_CLAIM = ("\"on a 7B model, AdamW-PMA is only about 2% slower per iteration than AdamW\" "
                "(PMA paper, Sec. 5.4 'Additional properties', paragraph 'PMA incurs minimal extra per-step "
                "overhead'; 8x NVIDIA A40, Sec. 5.1 'Implementation')")
 PHASES = ("forward", "backward", "step", "other")
 
-#: ``traffic(stage, world_size, period, dtype, param_count, pma) -> list of records`` for ONE period:
+#: ``traffic(setup, world_size, period, dtype, param_count, pma, layers=L) -> records`` for ONE period:
 #: ``{"micro_step": 0..K-1, "phase", "op", "count", "bytes"}`` -- the ledger's record layout.
 TrafficModel = Callable[..., List[dict]]
+# called as traffic(setup, world_size, period, dtype, param_count, pma, layers=L), setup one of SETUPS
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,13 @@ def compute_seconds(param_count: int, topology: Topology, a: Assumptions) -> flo
     return 6.0 * param_count * a.tokens / (topology.gpu.peak_tflops * 1e12 * a.mfu)
 
 
-def optimizer_seconds(param_count: int, stage: int, world_size: int, topology: Topology, a: Assumptions) -> float:
-    owned = param_count if stage == 0 else param_count / world_size
+def optimizer_seconds(param_count: int, setup: str, world_size: int, topology: Topology, a: Assumptions) -> float:
+    owned = param_count if setup in ("ZeRO-0", "DDP") else param_count / world_size
     return owned * a.optimizer_bytes_per_param / (topology.gpu.memory_gbps * 1e9 * a.memory_efficiency)
 
 
-def model_state_gb(param_count: int, stage: int, world_size: int) -> float:
-    replicated, partitioned = MODEL_STATE_BYTES[stage]
+def model_state_gb(param_count: int, setup: str, world_size: int) -> float:
+    replicated, partitioned = MODEL_STATE_BYTES[setup]
     return param_count * (replicated + partitioned / world_size) / 1e9
 
 
@@ -110,30 +116,29 @@ def period_seconds(comm_steps: List[Dict[str, float]], compute: float, optimizer
             "optimizer_s": steps * optimizer, "serial_s": base + comm, "overlapped_s": base + exposed}
 
 
-GRADIENT_CLIPPING = 1.0  # DeepSpeed's default; adds one scalar all-reduce per optimizer step
-
-
-def model_period_records(stage: int, world_size: int, period: int, dtype: str, param_count: int,
-                         pma: bool) -> List[dict]:
+def model_period_records(setup: str, world_size: int, period: int, dtype: str, param_count: int,
+                         pma: bool, layers: int = DEFAULT_LAYERS) -> List[dict]:
     """One period of :mod:`pma_dist.comm.model`'s messages for a ``param_count`` model, as ledger records.
 
-    Large-model ZeRO-3: the model's rule is exact for models whose gathered parameters stay live; a model
-    bigger than ``max_live_parameters`` releases each module's parameters after forward and gathers
-    them again for backward, so the projection adds one backward re-gather of the same bytes as the
-    forward gather (``model.zero3_exact`` tells which case applies).
+    ZeRO stages: ``model.projected_period_records`` (which covers ZeRO-3's large-model re-gathers in
+    backward). FSDP2 and DDP: the model's rules for a model of ``layers`` equal layers, one FSDP2 unit
+    per layer (``reshard_after_forward`` True; the embeddings counted inside the layers).
     """
     from . import model
 
-    setup = model.Setup.for_param_count(param_count, zero_stage=stage, world_size=world_size, period=period,
-                                        pma=pma, dtype=dtype, gradient_clipping=GRADIENT_CLIPPING)
-    regather = stage == 3 and not model.zero3_exact(setup)
+    if setup.startswith("ZeRO-"):
+        return model.projected_period_records(int(setup[-1]), world_size, period, dtype, param_count, pma)
+    per_layer, rest = divmod(param_count, layers)
+    numels = [per_layer] * layers
+    numels[-1] += rest
+    extra = ({"fsdp_units": [{"param_shapes": [[n]], "reshard_after_forward": True} for n in numels]}
+             if setup == "FSDP2" else {"ddp_grad_numels": numels})
+    s = model.Setup(backend=setup.lower(), zero_stage=None, world_size=world_size,
+                    period=period, pma=pma, dtype=dtype, param_numels=tuple(numels), extra=extra)
     records = []
     for i in range(period):
-        for m in model.micro_step_messages(setup, i):
-            records.append({"micro_step": i, "phase": m.phase, "op": m.op, "count": 1, "bytes": m.bytes})
-            if regather and m.phase == "forward" and m.op == "all_gather":
-                records.append({"micro_step": i, "phase": "backward", "op": "all_gather", "count": 1,
-                                "bytes": m.bytes})
+        for (phase, op), (count, nbytes) in sorted(model.micro_step_totals(s, i).items()):
+            records.append({"micro_step": i, "phase": phase, "op": op, "count": count, "bytes": nbytes})
     return records
 
 
@@ -142,11 +147,15 @@ def _default_traffic() -> TrafficModel:
 
 
 def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Optional[float] = None,
-            stages=(0, 1, 2, 3), model_sizes: Optional[Dict[str, int]] = None,
+            setups: Iterable[str] = SETUPS, model_sizes: Optional[Dict[str, int]] = None,
             traffic: Optional[TrafficModel] = None) -> dict:
-    """The projection table: for each model size and ZeRO stage, GA vs PMA seconds per period."""
+    """The projection table: for each model size and set-up (ZeRO stage, FSDP2, DDP), GA vs PMA per period."""
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be a positive int, got {period!r}")
+    setups = list(setups)
+    unknown = [x for x in setups if x not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown set-up(s) {unknown}; expected some of {SETUPS}")
     topology = load_topology(topology)
     a = Assumptions(mfu=DEFAULT_MFU if mfu is None else float(mfu))
     traffic = traffic or _default_traffic()
@@ -154,18 +163,20 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
     rows = []
     for label, params in (model_sizes or MODEL_SIZES).items():
         compute = compute_seconds(params, topology, a)
-        for stage in stages:
-            optimizer = optimizer_seconds(params, stage, world, topology, a)
-            row = {"model": label, "params": params, "zero_stage": stage,
-                   "model_state_gb_per_gpu": model_state_gb(params, stage, world),
-                   "fits": model_state_gb(params, stage, world) < topology.gpu.memory_gb}
+        for setup in setups:
+            optimizer = optimizer_seconds(params, setup, world, topology, a)
+            state_gb = model_state_gb(params, setup, world)
+            row = {"model": label, "params": params, "setup": setup,
+                   "zero_stage": int(setup[-1]) if setup.startswith("ZeRO-") else None,
+                   "model_state_gb_per_gpu": state_gb, "fits": state_gb < topology.gpu.memory_gb}
             for name, pma in (("ga", False), ("pma", True)):
-                records = traffic(stage, world, period, dtype, params, pma)
+                records = traffic(setup, world, period, dtype, params, pma,
+                                  layers=MODEL_LAYERS.get(label, DEFAULT_LAYERS))
                 steps = price_period(records, topology, period)
                 row[name] = period_seconds(steps, compute, optimizer, pma)
                 row[name]["bytes"] = sum(r["bytes"] for r in records)
                 row[name]["latency_share"] = latency_share(records, topology)
-                if stage == 3:
+                if setup == "ZeRO-3":
                     row[name]["zeropp"] = zeropp_variants(records, topology, period, compute, optimizer, pma)
             for reading in ("serial", "overlapped"):
                 ga, pm = row["ga"][f"{reading}_s"], row["pma"][f"{reading}_s"]
@@ -228,8 +239,8 @@ def _pct(new: float, old: float) -> str:
     return f"{100 * (new - old) / old:+.1f}%"
 
 
-def _row(projection: dict, model: str, stage: int) -> Optional[dict]:
-    return next((r for r in projection["rows"] if r["model"] == model and r["zero_stage"] == stage), None)
+def _row(projection: dict, model: str, setup: str) -> Optional[dict]:
+    return next((r for r in projection["rows"] if r["model"] == model and r["setup"] == setup), None)
 
 
 def recommendations(projection: dict) -> List[dict]:
@@ -242,15 +253,15 @@ def recommendations(projection: dict) -> List[dict]:
         fitting = [r for r in rows if r["model"] == model and r["fits"]]
         candidates = fitting or [r for r in rows if r["model"] == model]
         best = min(candidates, key=lambda r: r["overhead_overlapped_pct"])
-        others = ", ".join(f"ZeRO-{r['zero_stage']} {r['overhead_overlapped_pct']:+.1f}%"
+        others = ", ".join(f"{r['setup']} {r['overhead_overlapped_pct']:+.1f}%"
                            + ("" if r["fits"] else " (model states do not fit)")
                            for r in rows if r["model"] == model and r is not best)
-        out.append({"option": f"ZeRO-{best['zero_stage']}",
-                    "text": f"{model} on {topo}, K={k}: ZeRO-{best['zero_stage']} pays least for PMA, "
+        out.append({"option": best["setup"],
+                    "text": f"{model} on {topo}, K={k}: {best['setup']} pays least for PMA, "
                             f"{best['overhead_overlapped_pct']:+.1f}% period time vs GA (overlapped reading); "
                             f"others: {others}.",
                     "value_pct": best["overhead_overlapped_pct"]})
-        z3 = _row(projection, model, 3)
+        z3 = _row(projection, model, "ZeRO-3")
         if z3:
             extra_bytes = z3["pma"]["bytes"] - z3["ga"]["bytes"]
             extra_opt = z3["pma"]["optimizer_s"] - z3["ga"]["optimizer_s"]
@@ -275,7 +286,7 @@ def recommendations(projection: dict) -> List[dict]:
                                     f"already hides the gathers (overlapped reading), neither changes much.",
                             "value_pct": 100 * (variants[best_name]["serial_s"] - z3["pma"]["serial_s"])
                             / z3["pma"]["serial_s"]})
-        z2 = _row(projection, model, 2)
+        z2 = _row(projection, model, "ZeRO-2")
         if z2:
             hidden = z2["pma"]["serial_s"] - z2["pma"]["overlapped_s"]
             step_comm = z2["pma"]["exposed_comm_s"]
@@ -308,14 +319,14 @@ def format_projection_markdown(projection: dict) -> str:
         f"{100 * a['mfu']:.0f}% of {a['peak_tflops']} TFLOPS; optimizer step {a['optimizer_bytes_per_param']} "
         f"B/param at {100 * a['memory_efficiency']:.0f}% of memory bandwidth; {a['overlap']}.",
         "",
-        "| model | ZeRO | states GB/GPU | compute s/period | GA comm s/period | PMA comm s/period | "
+        "| model | set-up | states GB/GPU | compute s/period | GA comm s/period | PMA comm s/period | "
         "PMA extra opt s | overhead serial | overhead overlapped |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in projection["rows"]:
         fits = "" if r["fits"] else " (does not fit)"
         lines.append(
-            f"| {r['model']} | {r['zero_stage']} | {r['model_state_gb_per_gpu']:.1f}{fits} | "
+            f"| {r['model']} | {r['setup']} | {r['model_state_gb_per_gpu']:.1f}{fits} | "
             f"{r['ga']['compute_s']:.3g} | {r['ga']['comm_s']:.3g} | {r['pma']['comm_s']:.3g} | "
             f"{r['pma']['optimizer_s'] - r['ga']['optimizer_s']:.3g} | {r['overhead_serial_pct']:+.1f}% | "
             f"{r['overhead_overlapped_pct']:+.1f}% |")

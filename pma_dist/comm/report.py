@@ -73,6 +73,8 @@ def _load_rank_file(path: str) -> RankLedger:
         raise ReportError(f"ledger file {path!r} lacks meta field(s) {missing}")
     for key in ("zero_stage", "period", "world_size", "micro_steps"):
         value = meta[key]
+        if key == "zero_stage" and value is None and meta.get("backend") != "deepspeed":
+            continue  # FSDP2 / DDP runs have no ZeRO stage
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (key in ("period", "world_size") and value < 1):
             raise ReportError(f"ledger file {path!r}: meta.{key} must be a {'positive' if key in ('period', 'world_size') else 'non-negative'} int, got {value!r}")
     records: Dict[Key, Tuple[int, int, float]] = {}
@@ -142,6 +144,13 @@ def _mean_seconds(run: Run) -> Dict[Key, float]:
         for key, (_, _, seconds) in ledger.records.items():
             sums[key].append(seconds)
     return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def setup_label(meta: dict) -> str:
+    """"ZeRO-2" for DeepSpeed runs, the backend's name ("FSDP2", "DDP") otherwise."""
+    if meta.get("zero_stage") is not None:
+        return f"ZeRO-{meta['zero_stage']}"
+    return str(meta.get("backend") or "unknown").upper()
 
 
 def warmup_micro_steps(meta: dict) -> int:
@@ -230,6 +239,7 @@ def summarize(run: Run) -> dict:
         "optimizer": meta["optimizer"],
         "pma": bool(meta.get("pma", False)),
         "zero_stage": meta["zero_stage"],
+        "setup": setup_label(meta),
         "period": period,
         "world_size": meta["world_size"],
         "micro_steps": micro_steps,
@@ -267,7 +277,7 @@ def _ratio(a, b):
 def compare(run: dict, baseline: dict) -> dict:
     """PMA / GA ratios per op, per period (bytes, count, seconds); None where GA sends nothing."""
     notes = []
-    for key in ("world_size", "zero_stage", "period", "dtype"):
+    for key in ("world_size", "setup", "period", "dtype"):
         if run.get(key) != baseline.get(key):
             notes.append(f"{key} differs: run {run.get(key)!r} vs baseline {baseline.get(key)!r} -- ratios "
                          "compare unlike set-ups")

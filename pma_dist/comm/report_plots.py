@@ -28,7 +28,7 @@ def plot_bytes_per_micro_step(report: dict, path: str) -> None:
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(ops))], ops)
     ax.set_ylabel("message bytes per micro-step")
     run = report["run"]
-    ax.set_title(f"ZeRO-{run['zero_stage']}, K={run['period']}, {run['world_size']} ranks")
+    ax.set_title(f"{run['setup']}, K={run['period']}, {run['world_size']} ranks")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -40,13 +40,13 @@ def plot_projection(report: dict, path: str) -> None:
     projection = report["projection"]
     rows = projection["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         xs = range(len(mine))
         ax.bar([x - 0.2 for x in xs], [r["ga"]["comm_s"] for r in mine], 0.4, label="GA")
         ax.bar([x + 0.2 for x in xs], [r["pma"]["comm_s"] for r in mine], 0.4, label="PMA")
-        ax.set_xticks(list(xs), [f"ZeRO-{r['zero_stage']}\n{r['overhead_overlapped_pct']:+.1f}%" for r in mine])
+        ax.set_xticks(list(xs), [f"{r['setup']}\n{r['overhead_overlapped_pct']:+.1f}%" for r in mine], fontsize=7)
         ax.set_title(model)
         ax.set_ylabel("communication s / period")
     axes[0][0].legend()

@@ -29,7 +29,7 @@ def _ratio(x) -> str:
 
 def _run_header(title: str, run: dict) -> List[str]:
     return [
-        f"## {title}: {run['optimizer']}, ZeRO-{run['zero_stage']}, K={run['period']}, {run['world_size']} ranks",
+        f"## {title}: {run['optimizer']}, {run['setup']}, K={run['period']}, {run['world_size']} ranks",
         "",
         f"`{run['run_dir']}` -- backend {run.get('backend')}, dtype {run.get('dtype')}, "
         f"{run.get('param_count')} parameters ({_bytes(run.get('param_bytes') or 0)}), {run['micro_steps']} "
