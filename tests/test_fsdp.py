@@ -72,7 +72,8 @@ def assert_resume(results):
         assert r["save_at"] % PERIOD != 0, "the checkpoint must be taken mid-period"
         assert r["different_before_load"], "the fresh model already had the saved weights: load proves nothing"
         assert r["loaded"] == dict(micro_steps=r["save_at"], group_step=r["save_at"],
-                                   tensor_steps=[float(r["save_at"])]), (rank, r)
+                                   tensor_steps=[float(r["save_at"])], scheduler_epoch=r["save_at"],
+                                   lr_matches=True), (rank, r)
         assert r["steps_after_load"] >= PERIOD + 1  # crosses a large step
         assert r["bit_identical"], f"rank {rank}: resumed run differs by up to {r['max_abs_diff']}"
 

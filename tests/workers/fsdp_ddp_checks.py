@@ -130,12 +130,20 @@ def local_params(model: nn.Module):
     return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in model.parameters()]
 
 
+def warmup_factor(step: int) -> float:
+    return min(1.0, (step + 1) / (2 * PERIOD))
+
+
+def warmup(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor)
+
+
 def check_resume(backend: str, rank: int, world: int, out: Path) -> dict:
     optimizer, kwargs, _ = PARITY_CASES["adamw_pma_reference"]
     save_at = PERIOD + 1  # mid-period: tau = 1 of the second period
     ckpt = out / f"{backend}_resume_ckpt"
 
-    straight = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD)
+    straight = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, lr_scheduler=warmup)
     after_save = []
     for step in range(STEPS):
         straight.micro_step(local_loss_fn(step, rank, world))
@@ -144,12 +152,15 @@ def check_resume(backend: str, rank: int, world: int, out: Path) -> dict:
         elif step + 1 > save_at:
             after_save.append(local_params(straight.model))
 
-    resumed = setup(deep_linear_net(seed=123), backend, optimizer, kwargs, PERIOD)  # other weights: load must matter
+    # other weights, and a scheduler at step 0: only a working load reproduces the saved run
+    resumed = setup(deep_linear_net(seed=123), backend, optimizer, kwargs, PERIOD, lr_scheduler=warmup)
     different_before_load = any(not torch.equal(a, b) for a, b in
                                 zip(local_params(resumed.model), after_save[0]))
     resumed.load(ckpt)
     loaded = dict(micro_steps=resumed.micro_steps, group_step=resumed.optimizer.param_groups[0]["step"],
-                  tensor_steps=sorted({float(s["step"]) for s in resumed.optimizer.state.values()}))
+                  tensor_steps=sorted({float(s["step"]) for s in resumed.optimizer.state.values()}),
+                  scheduler_epoch=resumed.lr_scheduler.last_epoch,
+                  lr_matches=resumed.optimizer.param_groups[0]["lr"] == kwargs["lr"] * warmup_factor(save_at))
     bit_identical, max_diff = True, 0.0
     for step in range(save_at, STEPS):
         resumed.micro_step(local_loss_fn(step, rank, world))
