@@ -171,25 +171,35 @@ class Tokeniser:
             raise DataError("the tokenizer has no eos token; SFT/DPO responses must end with one")
         self.eos = tokenizer.eos_token_id
 
-    def _ids(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _fit(self, prompt: List[int], response: List[int], where: str):
-        """(prompt, response) cut to max_length, or None to skip; raises under the 'error' policy."""
-        if len(prompt) + len(response) <= self.max_length:
-            return prompt, response, False
+        """(bos + prompt, response) within max_length, or None to skip; raises under 'error'.
+
+        Truncation keeps the response's beginning (at least half the budget when it is that long)
+        and the prompt's end (the turns nearest the response), as TRL's ``keep_end`` does.
+        """
+        budget = self.max_length - len(self.bos)
+        if len(prompt) + len(response) <= budget:
+            return self.bos + prompt, response, False
         if self.overlong == "error":
-            raise DataError(f"{where}: {len(prompt) + len(response)} tokens, longer than max length "
-                            f"{self.max_length} (use --overlong truncate|skip or a larger --max-length)")
-        if self.overlong == "skip" or len(prompt) >= self.max_length - 1:
+            raise DataError(f"{where}: {len(self.bos) + len(prompt) + len(response)} tokens, longer than max "
+                            f"length {self.max_length} (use --overlong truncate|skip or a larger --max-length)")
+        if self.overlong == "skip":
             return None
-        return prompt, response[: self.max_length - len(prompt)], True
+        keep_response = min(len(response), max(budget - len(prompt), budget // 2))
+        keep_prompt = budget - keep_response
+        return self.bos + prompt[max(0, len(prompt) - keep_prompt):], response[:keep_response], True
+
+    def _ids_many(self, texts: List[str]) -> List[List[int]]:
+        # one batched call: the fast tokenizers encode lists in parallel Rust, far quicker than a loop
+        return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
     def sft(self, records: Sequence[dict], source: str = "") -> TokenisedSet:
         out = TokenisedSet("sft", [], len(records), source=source)
+        prompts = self._ids_many([sft_prompt(r) for r in records])
+        responses = self._ids_many([r["output"] for r in records])
         for index, record in enumerate(records):
             where = f"{source} line {record.get('_line', index + 1)}"
-            fitted = self._fit(self.bos + self._ids(sft_prompt(record)), self._ids(record["output"]) + [self.eos], where)
+            fitted = self._fit(prompts[index], responses[index] + [self.eos], where)
             if fitted is None:
                 out.skipped += 1
                 continue
@@ -202,12 +212,14 @@ class Tokeniser:
 
     def dpo(self, records: Sequence[dict], source: str = "") -> TokenisedSet:
         out = TokenisedSet("dpo", [], len(records), source=source)
+        prompts = self._ids_many([r["prompt"] for r in records])
+        sides = {side: self._ids_many([r[side] for r in records]) for side in ("chosen", "rejected")}
         for index, record in enumerate(records):
             where = f"{source} line {record.get('_line', index + 1)}"
-            prompt = self.bos + self._ids(record["prompt"])
+            prompt = prompts[index]
             pair = {}
             for side in ("chosen", "rejected"):
-                fitted = self._fit(prompt, self._ids(record[side]) + [self.eos], where)
+                fitted = self._fit(prompt, sides[side][index] + [self.eos], where)
                 if fitted is None:
                     break
                 p, response, cut = fitted
@@ -224,6 +236,7 @@ class Tokeniser:
         if not out.examples:
             raise DataError(f"{out.source}: all {out.total} records are longer than max length {self.max_length} "
                             f"tokens and were skipped; raise --max-length or use --overlong truncate")
+
 
 
 # ---------------------------------------------------------------------------------------- batching

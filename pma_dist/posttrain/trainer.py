@@ -64,7 +64,20 @@ class Datasets:
     eval: data.TokenisedSet
 
 
+_DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each data set once
+
+
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
+    args = cfg.args
+    key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
+           args.max_length, args.overlong)
+    if key not in _DATASETS:
+        _DATASETS.clear()
+        _DATASETS[key] = _load_datasets(cfg, tokenizer)
+    return _DATASETS[key]
+
+
+def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
     args = cfg.args
     if cfg.train_data == FALLBACK:
         records = fallback.synthetic_records(args.task, 4096 + args.eval_size, seed=1234)
@@ -88,17 +101,19 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 def make_client_optimizer(cfg: TrainConfig, parameters):
     """The optimizer object handed to ``deepspeed.initialize``, or None when the config names it.
 
-    AdamW uses DeepSpeed's ``torch_adam`` (``torch.optim.AdamW``). Lion is ``LionPMA(period=1)``,
-    which is exactly Lion (every step is a large step: plain EMA, full lr): DeepSpeed's own Lion
-    is GPU-only (FusedLion) or needs CPU offload. PMA optimizers go through the config when the
-    DeepSpeed integration is installed, else are built here.
+    AdamW is DeepSpeed's ``"AdamW"`` with ``torch_adam`` (``torch.optim.AdamW``); Lion is the plain
+    :class:`~pma_dist.posttrain.baselines.Lion` (DeepSpeed's is GPU-only). The PMA optimizers go
+    through the config (``pma_dist.deepspeed_integration`` registers their names) when it is
+    installed, else they are built here.
     """
     from pma_dist import AdamWPMA, LionPMA
+
+    from .baselines import Lion
 
     p = dict(cfg.optimizer_params)
     betas = tuple(p.pop("betas"))
     if cfg.optimizer == "lion":
-        return LionPMA(parameters, betas=betas, period=1, **p)
+        return Lion(parameters, betas=betas, **p)
     if cfg.optimizer == "adamw" or _config_knows_pma():
         return None
     if cfg.optimizer == "adamw_pma":

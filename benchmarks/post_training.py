@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""PMA vs gradient accumulation on real post-training data: time (and samples) to the GA run's loss.
+
+    python benchmarks/post_training.py                 # run what is missing, then write the report
+    python benchmarks/post_training.py --report-only   # only aggregate finished runs
+
+Tasks: SFT of stories260K on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from
+``../shared/data``). Methods: AdamW-PMA (reference and paper variants) and Lion-PMA stepping every
+micro-batch, AdamW-K and Lion-K accumulating K micro-batches; K in --periods; same micro-batch, data
+order and seed for all. 2 ranks, DeepSpeed ZeRO-0, CPU.
+
+Protocol (best vs best): stage A sweeps the learning rate on the first seed; stage B runs the
+other seeds at each (method, K)'s best lr (lowest final eval loss). gsm8k reuses alpaca's best lrs.
+For each K and optimizer family the target is the GA run's final eval loss (per seed); we report
+GA wall-clock / PMA wall-clock to reach it (and the same ratio in samples, which does not depend
+on the hardware), final eval losses and DPO accuracy. One run = one JSON summary + metrics JSONL
+under --out; finished runs are skipped, so the benchmark can be run in pieces.
+
+All runs of one invocation share one ``deepspeed`` launch (the worker calls the trainer in a loop),
+so start-up costs are paid once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from statistics import mean
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
+    "adamw_pma_ref": ("adamw_pma", ["--variant", "reference"], "adamw", True),
+    "adamw_pma_paper": ("adamw_pma", ["--variant", "paper"], "adamw", True),
+    "lion_pma": ("lion_pma", [], "lion", True),
+    "adamw_ga": ("adamw", [], "adamw", False),
+    "lion_ga": ("lion", [], "lion", False),
+}
+SHARED = REPO.parent / "shared" / "data"
+TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
+    "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
+                   {"adamw": [1e-3, 3e-3, 1e-2], "lion": [1e-4, 3e-4, 1e-3]}),
+    "dpo_hh": ("dpo", SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl", 2,
+               {"adamw": [1e-4, 1e-3], "lion": [1e-5, 1e-4]}),
+    "sft_gsm8k": ("sft", SHARED / "sft" / "gsm8k_train.jsonl", 4, None),  # None: alpaca's best lrs
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--periods", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--micro-steps", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=16)
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ runs
+def run_id(task, method, period, lr, seed) -> str:
+    return f"{task}__{method}__K{period}__lr{lr:g}__s{seed}"
+
+
+def summary(out: Path, rid: str):
+    path = out / rid / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train_argv(args, out: Path, task, method, period, lr, seed):
+    kind, data_file, micro_batch, _ = TASKS[task]
+    optimizer, extra, _, _ = METHODS[method]
+    return ["--task", kind, "--train-data", str(data_file), "--optimizer", optimizer, *extra,
+            "--period", str(period), "--lr", repr(lr), "--seed", str(seed),
+            "--micro-batch-size", str(micro_batch), "--micro-steps", str(args.micro_steps),
+            "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
+            "--max-length", str(args.max_length), "--log-update-variance", "--variance-window", "4",
+            "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--no-progress"]
+
+
+def lr_grid(task, method, out):
+    grid = TASKS[task][3]
+    family = METHODS[method][2]
+    return grid[family] if grid is not None else None
+
+
+def best_lr(out: Path, task, method, period, seed, grid):
+    finished = [(s["eval_loss"], lr) for lr in grid
+                if (s := summary(out, run_id(task, method, period, lr, seed))) is not None]
+    return min(finished)[1] if finished else None
+
+
+def plan_stage_a(args, out, task):
+    if TASKS[task][3] is None:
+        return []
+    return [(task, m, k, lr, args.seeds[0]) for k in args.periods for m in args.methods
+            for lr in lr_grid(task, m, out)]
+
+
+def plan_stage_b(args, out, task):
+    """Other seeds at the best lr; gsm8k takes alpaca's best lrs for every seed."""
+    source = task if TASKS[task][3] is not None else "sft_alpaca"
+    grid_of = lambda m: TASKS[source][3][METHODS[m][2]]  # noqa: E731
+    seeds = args.seeds[1:] if source == task else args.seeds
+    runs = []
+    for k in args.periods:
+        for m in args.methods:
+            lr = best_lr(out, source, m, k, args.seeds[0], grid_of(m))
+            if lr is not None:
+                runs += [(task, m, k, lr, s) for s in seeds]
+    return runs
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from pma_dist import distributed
+    from pma_dist.posttrain import config, trainer
+
+    out = Path(args.out)
+    for task in args.tasks:
+        for stage in (plan_stage_a, plan_stage_b):
+            dist.barrier() if dist.is_initialized() else None  # every rank sees the same finished runs
+            for task_, method, period, lr, seed in stage(args, out, task):
+                if summary(out, run_id(task_, method, period, lr, seed)) is not None:
+                    continue
+                cfg = config.resolve(train_argv(args, out, task_, method, period, lr, seed))
+                result = trainer.run(cfg)
+                if dist.get_rank() == 0:
+                    print(f"[bench] {run_id(task_, method, period, lr, seed)}: eval_loss={result['eval_loss']:.4f} "
+                          f"wall={result['wall_clock']:.1f}s", flush=True)
+    distributed.shutdown(0)
+
+
+def launch(args) -> None:
+    with socket.socket() as s:  # a free port: other jobs may hold the default 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={args.nproc}", f"--master_port={port}",
+           __file__, "--worker", *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    print("launching:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True, cwd=REPO)
+
+
+# ------------------------------------------------------------------------------ report
+def curve(out: Path, rid: str):
+    from pma_dist.posttrain.metrics import read_metrics
+
+    return read_metrics(out / rid / "metrics.jsonl", "eval")
+
+
+def to_target(rows, target):
+    """(wall-clock, samples) of the first eval at or below target, linearly interpolated; None if never."""
+    for before, after in zip(rows, rows[1:]):
+        if after["eval_loss"] <= target:
+            if before["eval_loss"] <= target:
+                return before["wall_clock"], before["samples"]
+            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
+            return (before["wall_clock"] + f * (after["wall_clock"] - before["wall_clock"]),
+                    before["samples"] + f * (after["samples"] - before["samples"]))
+    return None
+
+
+def report(args) -> dict:
+    out = Path(args.out)
+    runs = {}
+    for path in sorted(out.glob("*/summary.json")):
+        runs[path.parent.name] = json.loads(path.read_text())
+    comparisons = []
+    for task in args.tasks:
+        source = task if TASKS[task][3] is not None else "sft_alpaca"
+        for k in args.periods:
+            best = {}
+            for m in args.methods:
+                grid = TASKS[source][3][METHODS[m][2]]
+                best[m] = best_lr(out, source, m, k, args.seeds[0], grid)
+            for m, (_, _, family, is_pma) in METHODS.items():
+                if not is_pma or m not in args.methods:
+                    continue
+                ga = f"{family}_ga"
+                if best.get(m) is None or best.get(ga) is None:
+                    continue
+                per_seed = []
+                for seed in args.seeds:
+                    g, p = run_id(task, ga, k, best[ga], seed), run_id(task, m, k, best[m], seed)
+                    if g not in runs or p not in runs:
+                        continue
+                    target = runs[g]["eval_loss"]
+                    hit = to_target(curve(out, p), target)
+                    entry = {"seed": seed, "target": target, "ga_wall": runs[g]["wall_clock"],
+                             "ga_samples": runs[g]["samples"], "pma_final": runs[p]["eval_loss"],
+                             "pma_wall_total": runs[p]["wall_clock"]}
+                    if task.startswith("dpo"):
+                        entry.update(ga_acc=runs[g].get("eval_accuracy"), pma_acc=runs[p].get("eval_accuracy"),
+                                     ga_reward_acc=runs[g].get("eval_reward_accuracy"),
+                                     pma_reward_acc=runs[p].get("eval_reward_accuracy"))
+                    if hit is not None:
+                        entry.update(pma_wall=hit[0], pma_samples=hit[1], time_ratio=runs[g]["wall_clock"] / hit[0]
+                                     if hit[0] > 0 else float("inf"), sample_ratio=runs[g]["samples"] / hit[1]
+                                     if hit[1] > 0 else float("inf"))
+                    per_seed.append(entry)
+                if per_seed:
+                    comparisons.append({"task": task, "K": k, "pma": m, "ga": ga, "pma_lr": best[m],
+                                        "ga_lr": best[ga], "seeds": per_seed})
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "local_rank")},
+              "comparisons": comparisons, "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(markdown(result))
+    plots(args, out, result)
+    print(markdown(result))
+    return result
+
+
+def _fmt_ratio(entries, key):
+    values = [e[key] for e in entries if key in e]
+    missed = sum(key not in e for e in entries)
+    if not values:
+        return f"not reached ({missed}/{len(entries)})"
+    text = f"{mean(values):.2f}" + (f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else "")
+    return text + (f", missed {missed}/{len(entries)}" if missed else "")
+
+
+def markdown(result) -> str:
+    lines = ["| task | K | PMA method (lr) | GA baseline (lr) | seeds | time ratio GA/PMA | samples ratio GA/PMA "
+             "| GA final eval | PMA final eval | DPO acc GA / PMA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        s = c["seeds"]
+        acc = "-"
+        if c["task"].startswith("dpo"):
+            acc = f"{mean(e['ga_acc'] for e in s):.3f} / {mean(e['pma_acc'] for e in s):.3f}"
+        lines.append(f"| {c['task']} | {c['K']} | {c['pma']} ({c['pma_lr']:g}) | {c['ga']} ({c['ga_lr']:g}) | {len(s)} "
+                     f"| {_fmt_ratio(s, 'time_ratio')} | {_fmt_ratio(s, 'sample_ratio')} "
+                     f"| {mean(e['target'] for e in s):.4f} | {mean(e['pma_final'] for e in s):.4f} | {acc} |")
+    lines += ["", "Full sweep (final eval loss, training wall-clock s):", "",
+              "| run | eval loss | DPO acc | wall-clock s | optimizer steps |", "|---|---|---|---|---|"]
+    for rid, r in sorted(result["runs"].items()):
+        acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
+        lines.append(f"| {rid} | {r['eval_loss']:.4f} | {acc} | {r['wall_clock']:.1f} | {r['optimizer_steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(args, out: Path, result) -> None:
+    from pma_dist.posttrain.plots import plot_loss_vs_time, plot_update_variance
+
+    for task in args.tasks:
+        for k in args.periods:
+            chosen = {}
+            for c in result["comparisons"]:
+                if c["task"] == task and c["K"] == k:
+                    seed = args.seeds[0]
+                    chosen[f"{c['pma']} lr={c['pma_lr']:g}"] = out / run_id(task, c["pma"], k, c["pma_lr"], seed) / "metrics.jsonl"
+                    chosen[f"{c['ga']} lr={c['ga_lr']:g}"] = out / run_id(task, c["ga"], k, c["ga_lr"], seed) / "metrics.jsonl"
+            chosen = {label: path for label, path in chosen.items() if path.exists()}
+            if chosen:
+                plot_loss_vs_time(chosen, out / f"{task}_K{k}_loss.png",
+                                  title=f"{task}, K={k}, best lr per method, seed {args.seeds[0]} (2 CPU ranks)")
+                plot_update_variance(chosen, out / f"{task}_K{k}_update_variance.png",
+                                     title=f"{task}, K={k}: last-layer update variance per K micro-batches")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    if not args.report_only:
+        launch(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
