@@ -131,11 +131,17 @@ def _is_pma(optimizer) -> bool:
 # ---------------------------------------------------------------------------------------------- GA rule
 def check_gradient_accumulation(optimizer, gradient_accumulation_steps: int, *, train_batch_size=None,
                                 micro_batch_size=None, data_parallel_size=None) -> None:
-    """PMA replaces gradient accumulation: GA > 1 would stretch the period to K x GA micro-steps."""
+    """PMA replaces gradient accumulation: GA > 1 would stretch the period to K x GA micro-steps.
+
+    A period of 1 in every group is not PMA (AdamWPMA "paper" is AdamW, LionPMA is Lion) and may
+    accumulate: that is how the GA baselines run.
+    """
     if not _is_pma(optimizer) or gradient_accumulation_steps <= 1:
         return
+    periods = sorted({group.get("period", 1) for group in optimizer.param_groups})
+    if periods == [1]:  # period 1 is the plain optimizer (e.g. LionPMA(period=1) is Lion): GA is the baseline
+        return
     name = type(optimizer).__name__
-    periods = sorted({group.get("period") for group in optimizer.param_groups})
     period_text = ", ".join(map(str, periods))
     implied = ""
     if train_batch_size is not None and micro_batch_size is not None and data_parallel_size is not None:
@@ -339,26 +345,31 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 class _InstallAfterImport(importlib.abc.MetaPathFinder):
     """Runs :func:`install` right after the ``deepspeed`` package finishes importing.
 
-    It only decorates the real loader's ``exec_module`` for that one import, then removes itself.
+    It decorates the real loader's ``exec_module`` of the spec it hands out and leaves
+    ``sys.meta_path`` once the package has been executed: a mere ``importlib.util.find_spec``
+    (libraries probing whether DeepSpeed is installed) must not use it up.
     """
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "deepspeed":
             return None
-        sys.meta_path.remove(self)
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(fullname, path, target) if find_spec else None
+            spec = find_spec(fullname, path, target) if finder is not self and find_spec else None
             if spec is not None:
                 break
         else:
             return None
         loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
         exec_module = loader.exec_module
 
         def exec_then_install(module):
             exec_module(module)
             vars(loader).pop("exec_module", None)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             install(module)
 
         loader.exec_module = exec_then_install

@@ -31,6 +31,7 @@ __all__ = [
     "pop_local_rank_arg",
     "default_backend",
     "init_distributed",
+    "configure_accelerate_for_deepspeed",
     "shutdown",
 ]
 
@@ -174,6 +175,28 @@ def init_distributed(backend: Optional[str] = None) -> RankInfo:
             os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=backend or default_backend(), rank=info.rank, world_size=info.world_size)
     return info
+
+
+def configure_accelerate_for_deepspeed(backend: Optional[str] = None):
+    """Pre-build accelerate's process state for a DeepSpeed run whose backend accelerate cannot guess.
+
+    accelerate 1.15 hands no backend to its process state when DeepSpeed is used, so on a machine
+    without CUDA it counts one process and the Trainer fills ``train_batch_size`` for world size 1
+    (DeepSpeed then fails its batch-size assertion). Call this first on such machines (CPU runs),
+    then create ``TrainingArguments(..., accelerator_config={"use_configured_state": True})``.
+    Returns the ``PartialState``.
+    """
+    from accelerate.state import PartialState
+
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # makes accelerate start DeepSpeed's comm layer
+    try:
+        return PartialState(backend=backend or default_backend())
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
 
 
 def shutdown(code: int = 0) -> None:
