@@ -2,17 +2,20 @@
 
 The whole API is one function and one object::
 
-    import torch.distributed as dist
-    from pma_dist.torch_parallel import setup
+    from pma_dist.torch_parallel import init_process_group, setup
 
+    init_process_group()                              # under torchrun / deepspeed / mpirun
     trainer = setup(model, backend="fsdp",            # or "ddp"
                     optimizer="adamw_pma",            # "lion_pma", or the GA baselines "adamw", "lion"
                     optimizer_kwargs=dict(lr=2e-5, betas=(0.9, 0.95)),
                     period=8)                         # PMA period K, or the GA accumulation steps
-    for batch in loader:                              # one micro-batch per call, per rank
+    for batch in loader:                              # one micro-batch per call, per rank, on the device
         trainer.micro_step(lambda model: model(**batch).loss)
     trainer.save("ckpt/step-100")                     # torch.distributed.checkpoint, sharded
     trainer.load("ckpt/step-100")                     # resume continues bit-identically
+    trainer.close()                                   # only needed with comm_profile (final ledger write)
+
+Details, the communication model and the tests: ``docs/fsdp_ddp.md``.
 
 ``micro_step`` does the right thing for the optimizer family:
 
@@ -25,9 +28,8 @@ The whole API is one function and one object::
   ``set_requires_gradient_sync(False)`` before the others, DDP ``no_sync()``) and then the
   optimizer steps. This is the "AdamW-K" baseline of the paper.
 
-The process group must exist before ``setup`` (``torchrun`` + ``dist.init_process_group``, or
-:func:`init_process_group` here, which picks the backend and device through DeepSpeed's accelerator
-API so the same code runs on CUDA/NCCL and on CPU/gloo).
+The process group must exist before ``setup`` (:func:`init_process_group` picks the backend and
+device through DeepSpeed's accelerator API, so the same code runs on CUDA/NCCL and on CPU/gloo).
 
 Step counting lives in the optimizers (:mod:`pma_dist.optim`); this module only decides when to
 synchronise and when to step.
@@ -35,7 +37,6 @@ synchronise and when to step.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -262,14 +263,13 @@ class ParallelTrainer:
         return {"micro_steps": self.micro_steps, "optimizer": self.optimizer_name, "period": self.period}
 
     def _check_trainer_state(self, saved: dict, directory) -> None:
-        for key in ("optimizer", "period"):
-            if saved[key] != getattr(self, "optimizer_name" if key == "optimizer" else key):
-                mine = self._trainer_state()
-                raise ValueError(
-                    f"checkpoint {str(directory)!r} was written with optimizer={saved['optimizer']!r}, "
-                    f"period={saved['period']!r}; this trainer has optimizer={mine['optimizer']!r}, "
-                    f"period={mine['period']!r}"
-                )
+        mine = self._trainer_state()
+        if (saved["optimizer"], saved["period"]) != (mine["optimizer"], mine["period"]):
+            raise ValueError(
+                f"checkpoint {str(directory)!r} was written with optimizer={saved['optimizer']!r}, "
+                f"period={saved['period']!r}; this trainer has optimizer={mine['optimizer']!r}, "
+                f"period={mine['period']!r}"
+            )
 
 
 def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimizer_kwargs: Optional[dict] = None,
@@ -303,12 +303,11 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
     comm_options = parse_comm_profile(comm_profile)  # a bad section fails before any wrapping
     _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm,
                     fsdp_kwargs if backend == "fsdp" else ddp_kwargs, "fsdp_kwargs" if backend == "fsdp" else "ddp_kwargs")
+    units = _fsdp_units(model, fsdp_units) if backend == "fsdp" else []
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call pma_dist.torch_parallel.init_process_group() "
                            "(or dist.init_process_group) under torchrun before setup()")
-    units: List[nn.Module] = []
     if backend == "fsdp":
-        units = _fsdp_units(model) if fsdp_units is None else list(fsdp_units)
         wrapped = _wrap_fsdp(model, units, dict(fsdp_kwargs or {}))
     else:
         wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
@@ -347,11 +346,23 @@ def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_gra
         raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm!r}")
 
 
-def _fsdp_units(model: nn.Module) -> List[nn.Module]:
-    block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    if block_classes:
-        return [m for m in model.modules() if type(m).__name__ in block_classes]
-    return [child for child in model.children() if any(True for _ in child.parameters())]
+def _fsdp_units(model: nn.Module, requested: Optional[Iterable[nn.Module]]) -> List[nn.Module]:
+    """The modules to ``fully_shard`` before the root, innermost first (FSDP2 shards bottom-up)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    if requested is None:
+        block_classes = set(getattr(model, "_no_split_modules", None) or ())
+        if block_classes:
+            units = [m for m in model.modules() if type(m).__name__ in block_classes]
+        else:
+            units = [child for child in model.children() if any(True for _ in child.parameters())]
+    else:
+        units = list(requested)
+        for index, unit in enumerate(units):
+            if unit is model:
+                raise ValueError("fsdp_units must not contain the root model itself (it is always sharded last)")
+            if id(unit) not in names:
+                raise ValueError(f"fsdp_units[{index}] ({_describe(unit)[:80]}) is not a submodule of the model")
+    return sorted(units, key=lambda unit: -names[id(unit)].count("."))
 
 
 def _wrap_fsdp(model: nn.Module, units: List[nn.Module], fsdp_kwargs: dict) -> nn.Module:
@@ -362,8 +373,6 @@ def _wrap_fsdp(model: nn.Module, units: List[nn.Module], fsdp_kwargs: dict) -> n
     if mesh is None:
         mesh = init_device_mesh(_accelerator().device_name(), (dist.get_world_size(),))
     for unit in units:
-        if unit is model:
-            raise ValueError("fsdp_units must not contain the root model itself (it is always sharded last)")
         fully_shard(unit, mesh=mesh, **fsdp_kwargs)
     return fully_shard(model, mesh=mesh, **fsdp_kwargs)
 

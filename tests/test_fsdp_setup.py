@@ -66,3 +66,36 @@ def test_pma_steps_every_micro_batch_and_ga_every_period():
     assert [pma.is_sync_step(i) for i in range(6)] == [True] * 6
     assert [ga.is_sync_step(i) for i in range(6)] == [False, False, True, False, False, True]
     assert ga.optimizer.param_groups[0]["period"] == 1  # the Lion baseline is Lion-PMA with K = 1
+
+
+def test_fsdp_units_must_be_submodules_and_not_the_root():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"fsdp_units\[0\] \(Linear .*\) is not a submodule"):
+        setup(model, "fsdp", fsdp_units=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="root model itself"):
+        setup(model, "fsdp", fsdp_units=[model])
+
+
+def test_default_fsdp_units_are_innermost_first():
+    from pma_dist.torch_parallel import _fsdp_units
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+    class HFStyle(nn.Module):
+        _no_split_modules = ["Block", "Linear"]
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(2, 2)
+
+    model = HFStyle()
+    units = _fsdp_units(model, None)
+    depth = {id(m): name.count(".") for name, m in model.named_modules()}
+    assert len(units) == 5  # 2 blocks, their 2 inner Linears, the head
+    assert [depth[id(u)] for u in units] == sorted((depth[id(u)] for u in units), reverse=True)
+    plain = tiny()
+    assert _fsdp_units(plain, None) == [plain[0]]  # no _no_split_modules: children with parameters
