@@ -70,6 +70,21 @@ def test_close_writes_the_file_runs_callbacks_once(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]
 
 
+def test_slow_writes_are_deferred_but_close_always_writes(tmp_path, monkeypatch):
+    from pma_dist.comm import ledger as ledger_module
+    monkeypatch.setattr(ledger_module, "WRITE_FREE_SECONDS", -1.0)  # every write counts as slow ...
+    monkeypatch.setattr(ledger_module, "WRITE_BUDGET", 1e-12)  # ... and defers the next one for ages
+    ledger = CommLedger(str(tmp_path), write_every=1)
+    steps_on_disk = []
+    for i in range(3):
+        ledger.begin_micro_step(i, "small")
+        ledger.end_micro_step()
+        steps_on_disk.append(json.load(open(ledger.path))["meta"]["micro_steps"])
+    assert steps_on_disk == [1, 1, 1]
+    ledger.close()
+    assert json.load(open(ledger.path))["meta"]["micro_steps"] == 3
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda l: l.mark_phase("optimizer"), "unknown phase 'optimizer'"),
     (lambda l: l.begin_micro_step(0, "big"), "unknown micro-step kind 'big'"),

@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 FORMAT_VERSION = 1
+WRITE_BUDGET = 0.01  # periodic rewrites may take at most this share of the wall time ...
+WRITE_FREE_SECONDS = 0.02  # ... once a single write takes longer than this
 PHASES = ("forward", "backward", "step", "other")
 PMA_KINDS = ("small", "large")
 GA_KINDS = ("accumulate", "boundary")
@@ -212,6 +214,7 @@ class CommLedger:
         self.closed = False
         self._close_callbacks: List[Callable[["CommLedger"], None]] = []
         self._lock = threading.Lock()
+        self._next_write_at = 0.0
 
     # --- switching on and off -------------------------------------------------------------
     def install(self) -> "CommLedger":
@@ -259,10 +262,19 @@ class CommLedger:
         self.micro_steps += 1
 
     def end_micro_step(self) -> None:
-        """Micro-step finished (after the optimizer step): rewrite the file every ``write_every`` steps."""
+        """Micro-step finished (after the optimizer step): rewrite the file every ``write_every`` steps.
+
+        The file holds every micro-step, so a rewrite grows with the run. A write that took longer than
+        ``WRITE_FREE_SECONDS`` defers the next periodic one until at most ``WRITE_BUDGET`` of the wall
+        time has gone into writing; small files (every test, short runs) are written every period.
+        """
         self.phase = "other"
-        if self.micro_steps % self.write_every == 0:
+        if self.micro_steps % self.write_every == 0 and time.monotonic() >= self._next_write_at:
+            start = time.monotonic()
             self.write()
+            took = time.monotonic() - start
+            if took > WRITE_FREE_SECONDS:
+                self._next_write_at = start + took / WRITE_BUDGET
 
     def record(self, op: str, nbytes: int, seconds: float, function: str = "") -> None:
         with self._lock:
@@ -319,8 +331,9 @@ class CommLedger:
         os.makedirs(self.output_dir, exist_ok=True)
         path = self.path
         tmp = f"{path}.tmp{os.getpid()}"
+        text = json.dumps(self.to_dict(), separators=(",", ":"))  # one write: json.dump's chunks are slower
         with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
         return path
 
