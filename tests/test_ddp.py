@@ -43,4 +43,4 @@ def test_ddp_measured_bytes_equal_the_model(results):
     assert_comm(results, {
         "pma": {"all_reduce": (COMM_STEPS, grad_bytes * COMM_STEPS)},
         "ga": {"all_reduce": (COMM_STEPS // PERIOD, grad_bytes * COMM_STEPS // PERIOD)},
-    })
+    }, "ddp")

@@ -6,6 +6,7 @@ below assert on it. tests/test_ddp.py does the same for DDP with the same worker
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 
 import pytest
@@ -99,8 +100,12 @@ def ledger_totals(path) -> dict:
     return data, {op: tuple(v) for op, v in totals.items()}
 
 
-def assert_comm(results, expected: dict):
+def assert_comm(results, expected: dict, backend_label: str):
     """Measured bytes == the analytical model per micro-step, and == hand-computed totals for the run."""
+    report_file = os.path.join(os.path.dirname(results[0]["comm"]["pma"]["ledger_file"]), "report.json")
+    report = json.loads(open(report_file).read())
+    assert report["run"]["backend"] == backend_label
+    assert report["model"]["available"] and report["model"]["agree"], report["model"]
     for rank, result in enumerate(results):
         for case, want in expected.items():
             r = result["comm"][case]
@@ -171,4 +176,4 @@ def test_fsdp_measured_bytes_equal_the_model(results):
                 "all_reduce": (COMM_STEPS, FP32 * COMM_STEPS)},  # the clipping norm
         "ga": {"all_gather": gathers,
                "reduce_scatter": (len(units) * syncs_ga, sum(units) * syncs_ga)},
-    })
+    }, "fsdp2")

@@ -197,7 +197,8 @@ def check_comm(backend: str, rank: int, world: int, out: Path) -> dict:
     for name, (case, clip) in COMM_CASES.items():
         optimizer, kwargs, _ = PARITY_CASES[case]
         reference, _ = single_process_run(optimizer, kwargs, clip, world)
-        profile = {"enabled": True, "output_dir": str(out / f"comm_{name}"), "report": False}
+        # the PMA run also writes rank 0's run report (report.json), as train.py's runs do
+        profile = {"enabled": True, "output_dir": str(out / f"comm_{name}"), "report": name == "pma"}
         trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, max_grad_norm=clip,
                         comm_profile=profile)
         for step in range(COMM_STEPS):
