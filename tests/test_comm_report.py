@@ -185,7 +185,8 @@ def test_summary_counts_steady_state_periods(synthetic_runs):
     assert s["collectives"]["all_gather"]["per_micro_step"]["bytes"] == 280
     # seconds: mean over ranks (rank 0 logs 2 ms, rank 1 4 ms per all-reduce)
     assert s["collectives"]["all_reduce"]["per_period"]["seconds"] == pytest.approx(4 * 3e-3)
-    assert s["setup"]["broadcast"] == {"count": 5, "bytes": 1400, "seconds": pytest.approx(1e-3)}
+    assert s["setup"] == "ZeRO-2"
+    assert s["before_training"]["broadcast"] == {"count": 5, "bytes": 1400, "seconds": pytest.approx(1e-3)}
     assert s["by_phase_per_period"]["all_gather"] == {"step": {"count": 4, "bytes": 1120,
                                                                "seconds": pytest.approx(4e-3)}}
     assert s["by_kind_per_micro_step"]["large"]["all_gather"]["bytes"] == 280

@@ -267,7 +267,7 @@ def recommendations(projection: dict) -> List[dict]:
             extra_opt = z3["pma"]["optimizer_s"] - z3["ga"]["optimizer_s"]
             out.append({"option": "ZeRO-3",
                         "text": f"ZeRO-3 already gathers parameters and reduce-scatters gradients every micro-step, "
-                                f"so PMA adds {extra_bytes / 1e6:.4g} MB of messages per period and "
+                                f"so PMA adds {extra_bytes:,.0f} B of messages per period and "
                                 f"{extra_opt:.3g} s of optimizer steps ({model}, {topo}); its overhead is "
                                 f"{z3['overhead_overlapped_pct']:+.1f}% (overlapped), "
                                 f"{z3['overhead_serial_pct']:+.1f}% (serial).",

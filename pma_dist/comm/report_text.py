@@ -74,11 +74,19 @@ def _model_lines(model: Optional[dict], title: str) -> List[str]:
     if not model.get("available"):
         return [f"Analytical model ({title}): not available for this set-up -- {model.get('reason')}", ""]
     verdict = "equals the model byte for byte" if model["agree"] else "DIFFERS from the model"
-    lines = [f"Measured traffic ({title}) {verdict}:", "", "| op | measured count | model count | measured bytes | model bytes |",
+    first, last = model["micro_steps_checked"]
+    lines = [f"Measured engine traffic ({title}; forward/backward/step, per period; every micro-step {first}..{last - 1} "
+             f"checked) {verdict}:", "", "| op | measured count | model count | measured bytes | model bytes |",
              "|---|---|---|---|---|"]
     for op, r in model["per_period"].items():
         lines.append(f"| {op} | {_num(r['measured_count'])} | {_num(r['model_count'])} | "
                      f"{_num(r['measured_bytes'])} | {_num(r['model_bytes'])} |")
+    lines += [f"- mismatch: {m}" for m in model["micro_step_mismatches"]]
+    outside = ", ".join(f"{op} {_num(v['count'])} x ({_num(v['bytes'])} B)" for op, v in
+                        model["outside_engine_per_period"].items())
+    if outside:
+        lines += ["", f"Outside the engine (phase \"other\": the training loop's own collectives, e.g. loss "
+                      f"logging; not modelled), per period: {outside}."]
     return lines + [""]
 
 
@@ -99,7 +107,7 @@ def render_markdown(report: dict) -> str:
         t = ratios["total"]
         lines.append(f"| **all** | {_ratio(t['count'])} | {_ratio(t['bytes'])} | {_ratio(t['seconds'])} |")
         lines += [""] + [f"- {n}" for n in ratios["notes"]] + [""]
-    notes = run["notes"] + (report.get("baseline", {}).get("notes", []))
+    notes = [f"run: {n}" for n in run["notes"]] + [f"baseline: {n}" for n in report.get("baseline", {}).get("notes", [])]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Projection", "",
