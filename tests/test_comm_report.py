@@ -297,3 +297,43 @@ def test_recommendations_carry_numbers():
     assert {r["option"] for r in recs} >= {"overlap_comm", "bucket sizes"}
     for r in recs:
         assert math.isfinite(r["value_pct"]) and "%" in r["text"]
+
+
+# --- the model check ----------------------------------------------------------------------------
+def write_model_run(run_dir, *, corrupt_step=None, period=4, periods=3):
+    """Ledger files whose engine traffic is the model's own prediction, plus loss-logging all-reduces."""
+    from pma_dist.comm import model
+
+    meta = {"backend": "deepspeed", "optimizer": "AdamWPMA", "pma": True, "zero_stage": 2, "period": period,
+            "world_size": 2, "dtype": "float32", "param_count": 118, "param_bytes": 472,
+            "param_numels": [54, 9, 45, 5, 5], "gradient_clipping": 1.0, "micro_steps": period * periods,
+            "format_version": 1}
+    setup = model.Setup.from_meta(meta)
+    run_dir.mkdir(parents=True)
+    for rank in (0, 1):
+        records = []
+        for i in range(period * periods):
+            kind = "large" if (i + 1) % period == 0 else "small"
+            for (phase, op), (count, nbytes) in model.micro_step_totals(setup, i).items():
+                nbytes += 4 if i == corrupt_step and op == "all_gather" else 0
+                records.append({"micro_step": i, "pma_kind": kind, "phase": phase, "op": op, "count": count,
+                                "bytes": nbytes, "seconds": 1e-3})
+            records.append({"micro_step": i, "pma_kind": kind, "phase": "other", "op": "all_reduce", "count": 1,
+                            "bytes": 8, "seconds": 1e-4})
+        (run_dir / f"comm_rank{rank}.json").write_text(json.dumps({"meta": dict(meta, rank=rank),
+                                                                   "records": records}))
+    return run_dir
+
+
+def test_model_check_covers_engine_phases_and_lists_the_loops_own_traffic(tmp_path):
+    run = report.load_run(write_model_run(tmp_path / "ok"))
+    check = report.model_check(report.summarize(run), run)
+    assert check["available"] and check["agree"], check
+    assert check["micro_steps_checked"] == [4, 12]
+    assert check["outside_engine_per_period"] == {"all_reduce": {"count": 4, "bytes": 32,
+                                                                 "seconds": pytest.approx(4e-4)}}
+    # one micro-step with 4 stray bytes: the per-period means and the per-micro-step check both catch it
+    bad = report.load_run(write_model_run(tmp_path / "bad", corrupt_step=9))
+    check = report.model_check(report.summarize(bad), bad)
+    assert not check["agree"]
+    assert len(check["micro_step_mismatches"]) == 1 and check["micro_step_mismatches"][0].startswith("micro-step 9:")
