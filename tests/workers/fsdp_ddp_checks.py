@@ -209,6 +209,21 @@ def check_comm(backend: str, rank: int, world: int, out: Path) -> dict:
     return results
 
 
+def check_comm_fsdp_variants(rank: int, world: int, out: Path) -> dict:
+    """FSDP2 with bf16 all-gathers, fp32 reduce-scatters and no reshard after forward, under the ledger."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    output_dir = out / "comm_pma_bf16_no_reshard"
+    trainer = setup(deep_linear_net(seed=0), "fsdp", "adamw_pma", dict(lr=1e-2), PERIOD,
+                    fsdp_kwargs=dict(mp_policy=policy, reshard_after_forward=False),
+                    comm_profile={"enabled": True, "output_dir": str(output_dir), "report": False})
+    for step in range(COMM_STEPS):
+        trainer.micro_step(local_loss_fn(step, rank, world))
+    trainer.close()
+    return {"pma_bf16_no_reshard": dict(ledger_file=str(output_dir / f"comm_rank{rank}.json"))}
+
+
 def _message(action) -> str:
     try:
         action()
@@ -230,6 +245,8 @@ def main():
         results["resume"] = check_resume(args.backend, rank, world, args.out)
         results["errors"] = check_errors(args.backend, rank, world, args.out)
         results["comm"] = check_comm(args.backend, rank, world, args.out)
+        if args.backend == "fsdp":
+            results["comm"].update(check_comm_fsdp_variants(rank, world, args.out))
     except Exception:
         results["crash"] = traceback.format_exc()
         print(results["crash"], flush=True)
