@@ -13,6 +13,7 @@ Usage: ``torchrun --nproc_per_node=2 ds_suite.py --out results.json --ckpt DIR [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import pma_dist
-from pma_dist import AdamWPMA, LionPMA
+from pma_dist import AdamWPMA, LionPMA, PMAOptimizer
 from pma_dist.distributed import pop_local_rank_arg, shutdown
 
 import deepspeed  # noqa: E402  (after pma_dist, as a user would)
@@ -188,17 +189,34 @@ def parity_case(config_name, opt_name, rank, world, client=None, unwrap_step=Fal
     return result
 
 
-def bf16_case(config_name, opt_name, rank, world, **overrides):
-    cfg = load_config(config_name, **overrides)
-    engine = build(cfg)
+def setup_facts(engine) -> dict:
+    """Right after initialize: DeepSpeed's setup step (if any) must have left the PMA state untouched."""
     basic = engine.basic_optimizer
-    # Right after initialize: DeepSpeed's setup step (if any) must have left the PMA state untouched.
-    setup = {
+    return {
         "group_steps_after_init": [g["step"] for g in basic.param_groups],
         "moments_zero_after_init": all(float(t.abs().sum()) == 0.0 for s in basic.state.values()
                                        for k, t in s.items() if k.startswith("exp_avg")),
         "masters_equal_model_after_init": _masters_match_model(engine),
     }
+
+
+def setup_control_case(config_name):
+    """Control: with setup_steps() disabled, DeepSpeed's setup step shows (clock + weight decay)."""
+    original = PMAOptimizer.setup_steps
+    PMAOptimizer.setup_steps = lambda self: contextlib.nullcontext()
+    try:
+        engine = build(load_config(config_name))
+    finally:
+        PMAOptimizer.setup_steps = original
+    result = setup_facts(engine)
+    engine.destroy()
+    return result
+
+
+def bf16_case(config_name, opt_name, rank, world, **overrides):
+    cfg = load_config(config_name, **overrides)
+    engine = build(cfg)
+    setup = setup_facts(engine)
     train(engine, STEPS, rank, world)
     updates = [p - s for p, s in zip(full_params(engine), initial_params())]
     reference, _ = reference_updates(opt_name, HYPER[opt_name], world)
@@ -354,6 +372,7 @@ def make_cases(rank, world, ckpt: Path):
                                                           data_types={"grad_accum_dtype": "fp32"}),
         "bf16_zero2_lion_pma": lambda: bf16_case("zero2_lion_pma_bf16.json", "LionPMA", rank, world),
         "bf16_zero3_adamw_pma": lambda: bf16_case("zero3_adamw_pma_bf16.json", "AdamWPMA", rank, world),
+        "control_bf16_zero0_without_setup_steps": lambda: setup_control_case("zero0_adamw_pma_bf16.json"),
         "fp16_overflow_zero0": lambda: overflow_case("zero0_adamw_pma_fp32.json", rank, world),
         "fp16_overflow_zero2": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world),
         "error_ga_explicit": lambda: error_case(load_config("zero2_adamw_pma_fp32.json",
