@@ -17,7 +17,6 @@ import sys
 import torch
 
 import deepspeed
-import deepspeed.comm
 import torch.distributed as dist
 
 import pma_dist
