@@ -230,6 +230,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="skip the slow per-tensor/for-loop paths")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
+    parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth benchmark")
     parser.add_argument("--out", default="benchmarks/results/optimizer_step.json")
     args = parser.parse_args(argv)
 
@@ -240,6 +241,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--threads: expected comma-separated integers, got {args.threads!r}")
     if any(t < 1 for t in thread_counts):
         raise SystemExit(f"--threads: thread counts must be >= 1, got {args.threads!r}")
+    if args.copy_mib < 1:
+        raise SystemExit(f"--copy-mib must be >= 1, got {args.copy_mib}")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
 
@@ -248,8 +251,9 @@ def main(argv=None) -> dict:
     print(f"# {result['machine']}\n# load average at start: {result['load_average_start']}")
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        bandwidth = copy_bandwidth(max(5, args.repeats))
-        print(f"\n## {threads} thread(s): copy bandwidth {bandwidth:.1f} GB/s (read + write of a 1 GiB buffer)")
+        bandwidth = copy_bandwidth(max(5, args.repeats), args.copy_mib << 20)
+        print(f"\n## {threads} thread(s): copy bandwidth {bandwidth:.1f} GB/s "
+              f"(read + write of a {args.copy_mib} MiB buffer)")
         for size in sizes:
             shapes = transformer_shapes(size)
             buffers = Buffers(shapes)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import sys
 
 import pytest
 import torch
@@ -218,3 +220,54 @@ def test_kernel_checks_its_inputs():
                               0.5, 0.5, 1.0)
     with pytest.raises(RuntimeError, match=r"tensor 0 of list 1 has 7 elements, its parameter has 8"):
         kernels.lion_pma_step(p, [torch.zeros(7)], [torch.zeros(8)], 1, 0.5, 0.5, -1e-3, 0.5, 0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- benchmarks
+
+
+def load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_model_shapes_hit_the_requested_sizes():
+    bench = load_benchmark("optimizer_step")
+    for n in (10**6, 10**7, 10**8):
+        total = sum(torch.Size(s).numel() for s in bench.transformer_shapes(n))
+        assert abs(total - n) / n < 0.01, (n, total)
+
+
+def test_optimizer_step_benchmark_runs_and_reports_ratios(tmp_path):
+    bench = load_benchmark("optimizer_step")
+    out = tmp_path / "bench.json"
+    result = bench.main(["--sizes", "20K", "--threads", "1", "--repeats", "1", "--warmup", "0", "--quick",
+                         "--no-deepspeed", "--copy-mib", "8", "--out", str(out)])
+    assert json.loads(out.read_text())["runs"][0]["params"] == result["runs"][0]["params"]
+    rows = {r["name"]: r for r in result["runs"][0]["rows"]}
+    assert rows[result["runs"][0]["best_torch_adamw"]]["ratio_to_best_torch_adamw"] == 1.0
+    for name in ("AdamWPMA fused reference small", "AdamWPMA fused paper large", "LionPMA fused large",
+                 "AdamWPMA foreach reference small", "Lion (plain foreach)", "torch AdamW fused"):
+        assert rows[name]["median_ms"] > 0
+    assert rows["LionPMA fused small"]["gb_per_s"] * rows["LionPMA fused small"]["median_ms"] == pytest.approx(
+        result["runs"][0]["params"] * 20 / 1e6)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("optimizer_step", ["--sizes", "ten"], "--sizes: cannot read 'TEN'"),
+    ("optimizer_step", ["--sizes", "12"], "too small"),
+    ("optimizer_step", ["--threads", "0"], "thread counts must be >= 1"),
+    ("optimizer_step", ["--repeats", "0"], "--repeats must be >= 1"),
+    ("e2e_step", ["--stages", "4"], r"ZeRO stage(s) [4] not benchmarked"),
+    ("e2e_step", ["--period", "0"], "--period must be >= 1, got 0"),
+])
+def test_benchmark_flags_are_checked(script, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark(script).main(argv)
+    assert message in str(stop.value)
