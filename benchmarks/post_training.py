@@ -43,7 +43,7 @@ METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
 SHARED = REPO.parent / "shared" / "data"
 TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
     "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
-                   {"adamw": [1e-3, 3e-3, 1e-2], "lion": [1e-4, 3e-4, 1e-3]}),
+                   {"adamw": [3e-3, 1e-2], "lion": [3e-4, 1e-3]}),
     "dpo_hh": ("dpo", SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl", 2,
                {"adamw": [1e-4, 1e-3], "lion": [1e-5, 1e-4]}),
     "sft_gsm8k": ("sft", SHARED / "sft" / "gsm8k_train.jsonl", 4, None),  # None: alpaca's best lrs
@@ -55,12 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--periods", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--periods", nargs="+", type=int, default=[8, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--micro-steps", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=16)
     p.add_argument("--eval-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

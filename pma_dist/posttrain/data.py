@@ -37,7 +37,9 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------------- loading
 def looks_local(source: str) -> bool:
-    return os.path.sep in source or source.endswith((".jsonl", ".json")) or Path(source).exists()
+    """A path (exists, has a JSON suffix, or is explicitly relative/absolute); else a hub name like org/name."""
+    return (Path(source).exists() or source.endswith((".jsonl", ".json"))
+            or source.startswith(("/", "./", "../", "~")))
 
 
 def load_records(source: str, task: str, *, split: str = "train") -> List[dict]:

@@ -17,7 +17,9 @@ from .data import IGNORE_INDEX
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor):
     """Log-probability of each next token and the mask of positions that count (shifted by one)."""
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax over the vocabulary in fp32 at least
+        logits = logits.float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
