@@ -337,3 +337,16 @@ def test_model_check_covers_engine_phases_and_lists_the_loops_own_traffic(tmp_pa
     check = report.model_check(report.summarize(bad), bad)
     assert not check["agree"]
     assert len(check["micro_step_mismatches"]) == 1 and check["micro_step_mismatches"][0].startswith("micro-step 9:")
+
+
+def test_zero0_cannot_overlap_but_ddp_can():
+    p = projection.project("a40x8", period=4, traffic=fake_traffic, model_sizes={"1B": 10**9},
+                           setups=("ZeRO-0", "DDP"))
+    zero0, ddp = p["rows"]
+    # DeepSpeed ZeRO-0 all-reduces after backward: nothing hides; DDP overlaps its buckets with backward
+    assert zero0["pma"]["overlapped_s"] == pytest.approx(zero0["pma"]["serial_s"])
+    assert zero0["pma"]["exposed_comm_s"] == pytest.approx(zero0["pma"]["comm_s"])
+    rs = PRESETS["a40x8"].collective_seconds("reduce_scatter", 2e9)
+    ag = PRESETS["a40x8"].collective_seconds("all_gather", 2e9)
+    assert ddp["pma"]["exposed_comm_s"] == pytest.approx(4 * ag)  # only the step-phase gathers remain
+    assert ddp["pma"]["comm_s"] == pytest.approx(4 * (rs + ag))

@@ -11,11 +11,11 @@ Per micro-step of a period (K micro-steps; GA steps the optimizer once, PMA ever
 - optimizer step: memory bound, ``OPTIMIZER_BYTES_PER_PARAM`` bytes touched per locally owned parameter
   (all of them at ZeRO-0, 1/N at ZeRO-1/2/3) at ``MEMORY_EFFICIENCY`` of the memory bandwidth.
 - communication: each collective priced by the topology's alpha-beta cost. Two readings:
-  ``serial`` (nothing overlaps) and ``overlapped``: forward-phase traffic (ZeRO-3 prefetched parameter
-  all-gathers) hides behind forward compute, backward-phase traffic (gradient reduction with
-  ``overlap_comm``, ZeRO-3's backward re-gathers) behind backward compute, and step-phase traffic
-  (ZeRO-1/2's parameter all-gather after the update, ZeRO-0/1 gradient all-reduce in the step) is
-  exposed. Only the part of a phase's communication longer than its compute window is exposed.
+  ``serial`` (nothing overlaps) and ``overlapped``: where the set-up can overlap (:data:`OVERLAPPABLE`),
+  forward-phase traffic (ZeRO-3 / FSDP2 prefetched parameter all-gathers) hides behind forward compute
+  and backward-phase traffic (gradient reduction with ``overlap_comm``, re-gathers) behind backward
+  compute; step-phase traffic (ZeRO-1/2's parameter all-gather after the update) is always exposed.
+  Only the part of a phase's communication longer than its compute window is exposed.
 
 PMA's overhead = (PMA period time - GA period time) / GA period time.
 """
@@ -103,12 +103,22 @@ def price_period(records: Iterable[dict], topology: Topology, period: int, *,
     return steps
 
 
-def period_seconds(comm_steps: List[Dict[str, float]], compute: float, optimizer: float, pma: bool) -> dict:
+#: phases whose communication can run under compute, per set-up (the "overlapped" reading): DeepSpeed
+#: ZeRO-0 all-reduces after backward has finished (engine.allreduce_gradients), ZeRO-1/2 overlap the
+#: gradient reduction with backward when ``overlap_comm`` is on (DeepSpeed's default only for ZeRO-3),
+#: ZeRO-3 and FSDP2 also prefetch forward all-gathers, DDP overlaps its bucket all-reduces with backward.
+OVERLAPPABLE = {"ZeRO-0": (), "ZeRO-1": ("backward",), "ZeRO-2": ("backward",), "ZeRO-3": ("forward", "backward"),
+                "FSDP2": ("forward", "backward"), "DDP": ("backward",)}
+
+
+def period_seconds(comm_steps: List[Dict[str, float]], compute: float, optimizer: float, pma: bool,
+                   overlappable: Iterable[str] = ("forward", "backward")) -> dict:
     """Period time, serial and overlapped, from per-micro-step communication and compute."""
     period = len(comm_steps)
-    forward, backward = compute / 3.0, 2.0 * compute / 3.0
+    window = {"forward": compute / 3.0, "backward": 2.0 * compute / 3.0}
+    hidden = {phase: window[phase] for phase in overlappable}
     comm = sum(sum(s.values()) for s in comm_steps)
-    exposed = sum(max(0.0, s["forward"] - forward) + max(0.0, s["backward"] - backward) + s["step"] + s["other"]
+    exposed = sum(sum(max(0.0, seconds - hidden.get(phase, 0.0)) for phase, seconds in s.items())
                   for s in comm_steps)
     steps = period if pma else 1
     base = period * compute + steps * optimizer
@@ -173,7 +183,7 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
                 records = traffic(setup, world, period, dtype, params, pma,
                                   layers=MODEL_LAYERS.get(label, DEFAULT_LAYERS))
                 steps = price_period(records, topology, period)
-                row[name] = period_seconds(steps, compute, optimizer, pma)
+                row[name] = period_seconds(steps, compute, optimizer, pma, OVERLAPPABLE[setup])
                 row[name]["bytes"] = sum(r["bytes"] for r in records)
                 row[name]["latency_share"] = latency_share(records, topology)
                 if setup == "ZeRO-3":
@@ -192,8 +202,10 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
                         "peak_tflops": topology.gpu.peak_tflops,
                         "optimizer_bytes_per_param": a.optimizer_bytes_per_param,
                         "memory_efficiency": a.memory_efficiency,
-                        "overlap": "overlapped: forward comm hides behind 1/3 of compute, backward comm "
-                                   "behind 2/3, step comm is exposed; serial: nothing overlaps"},
+                        "overlap": "overlapped: where the set-up can overlap (ZeRO-1/2 backward with "
+                                   "overlap_comm, ZeRO-3/FSDP2 forward+backward, DDP backward; never ZeRO-0 or "
+                                   "the step), forward comm hides behind 1/3 of compute and backward comm behind "
+                                   "2/3; serial: nothing overlaps"},
         "paper_claim": PAPER_CLAIM,
         "rows": rows,
     }
@@ -219,7 +231,8 @@ def zeropp_variants(records: List[dict], topology: Topology, period: int, comput
     out = {}
     for name, recs, group_of in (("hpz", records, hpz), ("qwz", qwz(records), None),
                                  ("hpz+qwz", qwz(records), hpz)):
-        out[name] = period_seconds(price_period(recs, topology, period, group_of=group_of), compute, optimizer, pma)
+        out[name] = period_seconds(price_period(recs, topology, period, group_of=group_of), compute, optimizer, pma,
+                                   OVERLAPPABLE["ZeRO-3"])
     return out
 
 

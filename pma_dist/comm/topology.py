@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Optional
 
@@ -56,10 +57,10 @@ SOURCES = {
                      "-> 56.25 GB/s per direction",
     "pcie_gen4_x16": "PCI-SIG PCIe 4.0: 16 GT/s per lane x 16 lanes with 128b/130b encoding = 31.5 GB/s per "
                      "direction (NVIDIA datasheets quote 64 GB/s bidirectional)",
-    "link_efficiency": f"assumed {LINK_EFFICIENCY:.0%} of nominal for GPU links (protocol overhead; measured "
-                       "PCIe Gen4 peer-to-peer copies typically reach 75-85%) -- calibrate with pma-dist bandwidth",
-    "nic_efficiency": f"assumed {NIC_EFFICIENCY:.0%} of line rate for InfiniBand/RoCE -- calibrate with "
-                      "pma-dist bandwidth",
+    "link_efficiency": f"assumed {LINK_EFFICIENCY:.0%} of nominal for GPU links (packet and protocol overhead; "
+                       "an assumption, not a measurement) -- calibrate with pma-dist bandwidth",
+    "nic_efficiency": f"assumed {NIC_EFFICIENCY:.0%} of line rate for InfiniBand/RoCE (an assumption, not a "
+                      "measurement) -- calibrate with pma-dist bandwidth",
     "bus_bandwidth": "NVIDIA/nccl-tests doc/PERFORMANCE.md: busbw = algbw x 2(n-1)/n (all-reduce), "
                      "x (n-1)/n (all-gather, reduce-scatter), x 1 (broadcast, reduce)",
     "latency": "NVIDIA/nccl src/graph/tuning.cc, ring / Simple protocol: baseLat 8.4 us; hwLat 3.4 us "
@@ -226,9 +227,10 @@ DEFAULT_TOPOLOGY = "a40x8"
 def fit_measurements(op: str, rows: list, where: str) -> Measured:
     """Bus bandwidth from the largest messages, latency from the smallest (nccl-tests reading).
 
-    ``rows`` are ``{"bytes", "seconds"}`` dicts (plus ``"ranks"`` via the caller). The largest size is
-    bandwidth bound, so busbw is the best busbw over the two largest sizes; the smallest size is latency
-    bound, so its time minus its bandwidth term is the fixed latency.
+    ``rows`` are ``{"bytes", "seconds", "busbw_gbps"}`` dicts. Large sizes are bandwidth bound, so busbw
+    is the median busbw of the three largest sizes (the median, because one slow or fast outlier on a
+    shared machine should not set the plateau); the smallest size is latency bound, so its time minus
+    its bandwidth term is the fixed latency.
     """
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{where}: op {op!r} needs a non-empty list of measurements, got {rows!r}")
@@ -243,7 +245,7 @@ def fit_measurements(op: str, rows: list, where: str) -> Measured:
                 raise ValueError(f"{where}: {op}[{i}].{key} must be a positive number, got {value!r}")
         clean.append(row)
     clean.sort(key=lambda r: r["bytes"])
-    busbw = max(r["busbw_gbps"] for r in clean[-2:])
+    busbw = statistics.median(r["busbw_gbps"] for r in clean[-3:])
     smallest = clean[0]
     factor_time = smallest["seconds"] * smallest["busbw_gbps"] / busbw  # bandwidth term at the peak busbw
     latency = max(smallest["seconds"] - factor_time, 0.0) if len(clean) > 1 else 0.0
