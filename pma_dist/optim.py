@@ -17,16 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch or no distributed build
+    DTensor = None
 
 from . import functional as F
 from . import kernels
 from .schedule import VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
+
+#: What ``fused=None`` (the default) means. ``False``: the foreach path. ``True``: the fused CPU kernel
+#: for every bucket it supports (CPU, fp32/bf16/fp16, contiguous) when ``foreach`` is also left unset,
+#: the foreach path for the others, and everywhere, after one warning, if the kernel cannot be built.
+FUSED_BY_DEFAULT = False
+_warned_fused_unavailable = False
+
+
+def _fused_kernel_loads() -> bool:
+    global _warned_fused_unavailable
+    reason = kernels.unavailable_reason()
+    if reason is not None and not _warned_fused_unavailable:
+        _warned_fused_unavailable = True
+        warnings.warn(f"pma_dist: using the foreach path because the fused CPU kernel is unavailable: {reason}",
+                      RuntimeWarning, stacklevel=3)
+    return reason is None
 
 
 def _as_float(name: str, value) -> float:
@@ -117,8 +139,15 @@ class PMAOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__}(fused=True): the fused CPU kernel is unavailable: {reason}")
 
     def _use_fused(self, group: dict, params, grads, moments) -> bool:
-        """``fused=True`` demands the fused kernel for every bucket; ``None``/``False`` use foreach."""
-        if not group.get("fused"):
+        """``fused=True`` demands the fused kernel for every bucket; ``False`` uses foreach; ``None``
+        follows :data:`FUSED_BY_DEFAULT`."""
+        fused = group.get("fused")
+        if fused is None:
+            return (FUSED_BY_DEFAULT and group["foreach"] is None
+                    and type(self)._update_fused is not PMAOptimizer._update_fused
+                    and kernels.fused_unsupported_reason(params, grads, *moments) is None
+                    and _fused_kernel_loads())
+        if not fused:
             return False
         reason = kernels.fused_unsupported_reason(params, grads, *moments)
         if reason is not None:
@@ -211,11 +240,12 @@ class PMAOptimizer(torch.optim.Optimizer):
             if not params or self._setup_depth:
                 continue
             phase = PMAPhase(step=t, period=group["period"])
+            params_l, grads_l, moments_l = _local_shards(params, grads, moments)
             if group["foreach"] is False:
-                for i, (p, g) in enumerate(zip(params, grads)):
-                    self._update_tensor(p, g, [m[i] for m in moments], phase, group)
+                for i, (p, g) in enumerate(zip(params_l, grads_l)):
+                    self._update_tensor(p, g, [m[i] for m in moments_l], phase, group)
             else:
-                for p, g, *ms in _group_by_device_and_dtype(params, grads, *moments):
+                for p, g, *ms in _group_by_device_and_dtype(params_l, grads_l, *moments_l):
                     if self._use_fused(group, p, g, ms):
                         self._update_fused(p, g, ms, phase, group)
                     else:
@@ -234,6 +264,23 @@ class PMAOptimizer(torch.optim.Optimizer):
 
     def _update_fused(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
         raise NotImplementedError
+
+
+def _local_shards(params: List[Tensor], grads: List[Tensor], moments: List[List[Tensor]]):
+    """Swap DTensors (FSDP2 shards) for their local tensors when gradient and moments share the
+    parameter's placement: the update is element-wise, so it can run on the shards directly, without
+    DTensor dispatch and on paths (the fused kernel) that need plain tensors."""
+    if DTensor is None or not any(isinstance(p, DTensor) for p in params):
+        return params, grads, moments
+    params, grads, moments = list(params), list(grads), [list(m) for m in moments]
+    for i, p in enumerate(params):
+        group = [p, grads[i]] + [m[i] for m in moments]
+        if all(isinstance(t, DTensor) and t.device_mesh == p.device_mesh and t.placements == p.placements
+               for t in group):
+            params[i], grads[i] = p.to_local(), grads[i].to_local()
+            for m in moments:
+                m[i] = m[i].to_local()
+    return params, grads, moments
 
 
 def _group_by_device_and_dtype(*lists: List[Tensor]):

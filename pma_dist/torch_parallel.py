@@ -336,10 +336,6 @@ def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_gra
     if optimizer_kwargs and "period" in optimizer_kwargs:
         raise ValueError(f"pass the period as setup(period=...), not in optimizer_kwargs "
                          f"(got optimizer_kwargs period={optimizer_kwargs['period']!r})")
-    if backend == "fsdp" and optimizer_kwargs and optimizer_kwargs.get("fused"):
-        # the fused C++ kernel reads raw storage, which FSDP2's DTensor parameters do not expose
-        raise ValueError(f"optimizer_kwargs fused={optimizer_kwargs['fused']!r} is not supported with backend "
-                         "'fsdp' (FSDP2 parameters are DTensors); leave fused unset to use the foreach path")
     if wrapper_kwargs is not None and not isinstance(wrapper_kwargs, dict):
         raise TypeError(f"{wrapper_kwargs_name} must be a dict, got {_describe(wrapper_kwargs)}")
     try:

@@ -16,7 +16,7 @@ from tests.launching import run_ranks
 
 WORLD = 2
 PERIOD, STEPS = 3, 12  # as in the worker: four periods
-PMA_CASES = ("adamw_pma_reference", "adamw_pma_paper_clipped", "lion_pma")
+PMA_CASES = ("adamw_pma_reference", "adamw_pma_paper_clipped", "lion_pma", "adamw_pma_fused")
 GA_CASES = ("adamw_ga", "lion_ga")
 # fp32: the sharded run sums the same per-sample gradients in another order (reduce-scatter vs one
 # matmul); with eps = 1e-3 that stays at a few ulps (measured <= 5e-8 absolute). Lion is exact.

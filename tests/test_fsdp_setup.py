@@ -21,7 +21,6 @@ def tiny():
     (dict(backend="fsdp", optimizer_kwargs=dict(lr=1e-3, period=4)), ValueError, ["setup(period=...)", "period=4"]),
     (dict(backend="fsdp", optimizer_kwargs=[("lr", 1e-3)]), TypeError, ["optimizer_kwargs", "list"]),
     (dict(backend="fsdp", fsdp_kwargs="reshard"), TypeError, ["fsdp_kwargs", "'reshard'"]),
-    (dict(backend="fsdp", optimizer_kwargs=dict(fused=True)), ValueError, ["fused=True", "'fsdp'", "DTensor"]),
     (dict(backend="ddp", ddp_kwargs=3), TypeError, ["ddp_kwargs", "3"]),
     (dict(backend="ddp", max_grad_norm=-1.0), ValueError, ["max_grad_norm", "-1.0"]),
     (dict(backend="ddp", max_grad_norm="big"), TypeError, ["max_grad_norm", "'big'"]),

@@ -36,6 +36,8 @@ PARITY_CASES = {
     "adamw_pma_paper_clipped": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1,
                                                   variant="paper"), 0.5),
     "lion_pma": ("lion_pma", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
+    # the fused CPU kernel on FSDP2 shards: the optimizer hands it the DTensors' local tensors
+    "adamw_pma_fused": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, fused=True), 0.0),
     "adamw_ga": ("adamw", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.0),
     "lion_ga": ("lion", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
 }
