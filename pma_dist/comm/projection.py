@@ -266,11 +266,14 @@ def recommendations(projection: dict) -> List[dict]:
         fitting = [r for r in rows if r["model"] == model and r["fits"]]
         candidates = fitting or [r for r in rows if r["model"] == model]
         best = min(candidates, key=lambda r: r["overhead_overlapped_pct"])
+        # set-ups within 0.1 percentage point of the best are equally good answers
+        winners = [r for r in candidates if r["overhead_overlapped_pct"] - best["overhead_overlapped_pct"] < 0.1]
+        names = " and ".join(r["setup"] for r in winners)
         others = ", ".join(f"{r['setup']} {r['overhead_overlapped_pct']:+.1f}%"
                            + ("" if r["fits"] else " (model states do not fit)")
-                           for r in rows if r["model"] == model and r is not best)
-        out.append({"option": best["setup"],
-                    "text": f"{model} on {topo}, K={k}: {best['setup']} pays least for PMA, "
+                           for r in rows if r["model"] == model and r not in winners)
+        out.append({"option": names,
+                    "text": f"{model} on {topo}, K={k}: {names} pay{'s' if len(winners) == 1 else ''} least for PMA, "
                             f"{best['overhead_overlapped_pct']:+.1f}% period time vs GA (overlapped reading); "
                             f"others: {others}.",
                     "value_pct": best["overhead_overlapped_pct"]})
