@@ -175,12 +175,15 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     from_json = dict(user_opt.get("params", {})) if DS_TYPE_TO_OPTIMIZER.get(user_type) == optimizer else {}
 
     user_ga = user.get("gradient_accumulation_steps")
+    json_ga = int(user_ga) if user_ga not in (None, "auto") and int(user_ga) > 1 else None
+    json_period = (user_opt.get("params") or {}).get("period")
+    # K keeps its meaning when --optimizer switches a GA config to PMA or back
     if args.period is not None:
         period = args.period
     elif optimizer in PMA_OPTIMIZERS:
-        period = int(from_json.get("period", 8))
+        period = int(json_period or json_ga or 8)
     else:
-        period = int(user_ga) if user_ga not in (None, "auto") else 8
+        period = int(json_ga or json_period or 8)
     _positive("period K", period)
     if optimizer in PMA_OPTIMIZERS and args.optimizer is None and user_ga not in (None, "auto", 1):
         raise ConfigError(f"gradient_accumulation_steps={user_ga} in {source} with a PMA optimizer: PMA steps on "
