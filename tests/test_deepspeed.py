@@ -77,6 +77,18 @@ def test_client_optimizer_instance_with_zero_offload(suite):
     assert_halved_state(result)
 
 
+def test_explicit_pma_dist_initialize(suite):
+    result = case(suite, "pma_initialize_zero1")
+    assert result["rel_err"] <= PARITY_TOL and result["group_steps"] == [STEPS, STEPS]
+
+
+def test_pma_config_relying_on_default_clipping_warns(suite):
+    result = case(suite, "clipping_default_warns")
+    assert result["clipping"] == 1.0
+    assert len(result["warnings"]) == 1
+    assert "clips every micro-batch gradient" in result["warnings"][0] and "gradient_clipping" in result["warnings"][0]
+
+
 def test_client_optimizer_callable(suite):
     result = case(suite, "client_callable_zero1")
     assert result["basic"] == "LionPMA"

@@ -141,6 +141,21 @@ def test_import_is_lazy_and_deepspeed_is_patched_when_imported():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def test_deepspeed_imported_before_pma_dist_is_patched_at_once():
+    code = (
+        "import deepspeed, pma_dist, inspect\n"
+        "from deepspeed.runtime.engine import DeepSpeedEngine as E\n"
+        "assert E.__dict__.get('_pma_dist_patched') and deepspeed.initialize._pma_dist_wrapped\n"
+        "ours = list(inspect.signature(pma_dist.initialize).parameters)\n"
+        "theirs = list(inspect.signature(deepspeed.initialize.__wrapped__).parameters)\n"
+        "assert ours == theirs, (ours, theirs)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=rank_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- shipped configs
 def test_shipped_configs_are_what_generate_writes():
     shipped = {p.name for p in (REPO / "ds_configs").glob("*.json")}

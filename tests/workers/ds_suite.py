@@ -114,15 +114,16 @@ def load_config(name: str, **overrides) -> dict:
     return cfg
 
 
-def build(cfg: dict, client=None):
+def build(cfg: dict, client=None, initialize=None):
     """``client``: None (optimizer from the config), a factory tagged ``as_instance`` (we pass the
-    optimizer it makes, as users who build their own do) or a callable DeepSpeed calls itself."""
+    optimizer it makes, as users who build their own do) or a callable DeepSpeed calls itself.
+    ``initialize``: ``deepspeed.initialize`` (default) or ``pma_dist.initialize``."""
     model = make_model()
     optimizer = client
     if getattr(client, "as_instance", False):
         optimizer = client(param_groups(model))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg,
-                                      optimizer=optimizer)
+    initialize = initialize or deepspeed.initialize
+    engine, *_ = initialize(model=model, model_parameters=param_groups(model), config=cfg, optimizer=optimizer)
     return engine
 
 
@@ -170,11 +171,11 @@ def optimizer_facts(engine) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- cases
-def parity_case(config_name, opt_name, rank, world, client=None, unwrap_step=False, **overrides):
+def parity_case(config_name, opt_name, rank, world, client=None, unwrap_step=False, initialize=None, **overrides):
     cfg = load_config(config_name, **overrides)
     if client is not None:
         cfg.pop("optimizer", None)
-    engine = build(cfg, client)
+    engine = build(cfg, client, initialize)
     if unwrap_step:  # control: without one_logical_step each ZeRO-3 sub-group would advance the clock
         vars(engine.optimizer).pop("step")
     train(engine, STEPS, rank, world)
@@ -260,6 +261,24 @@ def overflow_case(config_name, rank, world, **overrides):
     result = optimizer_facts(engine)
     result.update(steps_before=before, steps_after_overflow=after_poison, skipped_steps=engine.skipped_steps,
                   global_steps=engine.global_steps)
+    engine.destroy()
+    return result
+
+
+def clipping_warning_case(config_name):
+    """A PMA config that leaves gradient_clipping to DeepSpeed's default (1.0) gets a warning on rank 0."""
+    cfg = load_config(config_name)
+    del cfg["gradient_clipping"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    integration_logger = logging.getLogger("pma_dist.deepspeed_integration")
+    integration_logger.addHandler(handler)
+    try:
+        engine = build(cfg)
+    finally:
+        integration_logger.removeHandler(handler)
+    result = {"clipping": engine.gradient_clipping(), "warnings": [r.getMessage() for r in records]}
     engine.destroy()
     return result
 
@@ -360,6 +379,9 @@ def make_cases(rank, world, ckpt: Path):
         "client_instance_zero2_offload": lambda: parity_case(
             "zero2_adamw_pma_fp32.json", "AdamWPMA", rank, world, client=client_instance,
             zero_optimization=offload_zero2),
+        "pma_initialize_zero1": lambda: parity_case(
+            "zero1_adamw_pma_fp32.json", "AdamWPMA", rank, world, initialize=pma_dist.initialize),
+        "clipping_default_warns": lambda: clipping_warning_case("zero1_lion_pma_fp32.json"),
         "client_callable_zero1": lambda: parity_case(
             "zero1_lion_pma_fp32.json", "LionPMA", rank, world, client=client_callable),
         "offload_zero2_adamw_pma": lambda: parity_case(
