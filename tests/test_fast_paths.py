@@ -13,12 +13,15 @@ import copy
 import itertools
 import json
 import sys
+import warnings
 
 import pytest
 import torch
 
 from pma_dist import AdamWPMA, LionPMA
+import pma_dist.kernels as kernel_pkg
 from pma_dist.kernels import build as kernel_build
+from pma_dist.kernels import cpu as kernel_cpu
 
 # Odd sizes (partial vectors), a tensor spanning several parallel chunks (> 32768 elements) and a 1-element one.
 SHAPES = [(70001,), (37, 5), (16,), (3, 129), (1,)]
@@ -271,3 +274,61 @@ def test_benchmark_flags_are_checked(script, argv, message):
     with pytest.raises(SystemExit) as stop:
         load_benchmark(script).main(argv)
     assert message in str(stop.value)
+
+
+# ---------------------------------------------------------------------------------------- fused=None
+
+
+@pytest.fixture
+def fused_by_default(monkeypatch):
+    import pma_dist.optim as optim
+
+    monkeypatch.setattr(optim, "FUSED_BY_DEFAULT", True)
+    calls = []
+    real = kernel_cpu.adamw_pma_fused
+    monkeypatch.setattr(kernel_pkg, "adamw_pma_fused", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k)))
+    return calls
+
+
+def test_fused_by_default_takes_supported_cpu_buckets_only(fused_by_default):
+    params = make_params(torch.float32) + [torch.randn(9, dtype=torch.float64, requires_grad=True)]
+    opt = AdamWPMA(params, period=3)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = AdamWPMA(ref_params, period=3, fused=False)
+    for t in range(1, 5):
+        set_grads(params, t)
+        for p, r in zip(params, ref_params):
+            r.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert fused_by_default == [len(SHAPES)] * 4  # the float32 bucket, every step; float64 went to foreach
+    assert torch.equal(params[-1], ref_params[-1])
+    for p, r in zip(params, ref_params):
+        assert torch.equal(opt.state[p]["exp_avg"], ref.state[r]["exp_avg"])
+
+
+def test_fused_by_default_respects_an_explicit_foreach(fused_by_default):
+    params = make_params(torch.float32)
+    opt = AdamWPMA(params, period=3, foreach=True)
+    set_grads(params, 1)
+    opt.step()
+    assert fused_by_default == []
+
+
+def test_fused_by_default_warns_once_and_falls_back_without_a_compiler(fused_by_default, monkeypatch):
+    import pma_dist.optim as optim
+
+    monkeypatch.setattr(kernel_build, "_module", None)
+    monkeypatch.setattr(kernel_build, "_error", None)
+    monkeypatch.setattr(optim, "_warned_fused_unavailable", False)
+    monkeypatch.setenv("CXX", "no-such-compiler-pma")
+    params = make_params(torch.float32)
+    opt = AdamWPMA(params, period=3)
+    with pytest.warns(RuntimeWarning, match=r"using the foreach path .*'no-such-compiler-pma'"):
+        set_grads(params, 1)
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_grads(params, 2)
+        opt.step()
+    assert fused_by_default == [] and opt.param_groups[0]["step"] == 2
