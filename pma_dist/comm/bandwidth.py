@@ -174,6 +174,8 @@ def run_worker(output: str, ops: Sequence[str], sizes: Sequence[int], *, dtype: 
 
     accelerator = get_accelerator()
     backend = accelerator.communication_backend_name()
+    # one device per local rank (on CUDA every rank would otherwise share device 0)
+    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     world, rank = dist.get_world_size(), dist.get_rank()
