@@ -1,5 +1,6 @@
 """The Hugging Face Trainer with ``deepspeed=ds_configs/hf_zero2_adamw_pma_auto.json`` (the
-``--deepspeed cfg.json`` path) trains the real stories260K model for a few steps on 2 CPU ranks."""
+``--deepspeed cfg.json`` path) trains the real stories260K model for a few steps on 2 CPU ranks,
+and refuses gradient accumulation with PMA."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from tests.launching import require_shared_data, run_ranks
 pytestmark = pytest.mark.slow
 
 
-def test_hf_trainer_trains_with_pma_config_and_auto_values(tmp_path):
+def test_hf_trainer_trains_with_pma_config_and_refuses_accumulation(tmp_path):
     model = require_shared_data("models", "stories260K")
     text = require_shared_data("text", "tinyshakespeare_train.txt")
     out = tmp_path / "hf.json"
@@ -28,3 +29,6 @@ def test_hf_trainer_trains_with_pma_config_and_auto_values(tmp_path):
     assert result["global_step"] == 4 and result["group_steps"] == [4]
     assert len(result["losses"]) == 4 and result["all_finite"]
     assert result["param_change_l1"] > 0
+    refused = json.loads(out.read_text())["ga2"]  # TrainingArguments(gradient_accumulation_steps=2) -> "auto"
+    assert refused["raised"] == "ValueError"
+    assert "gradient_accumulation_steps=2" in refused["message"] and '"period" to 2' in refused["message"]

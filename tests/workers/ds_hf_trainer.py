@@ -1,9 +1,9 @@
 """The Hugging Face Trainer with ``deepspeed=<PMA config>`` (what ``--deepspeed cfg.json`` sets) on N ranks.
 
 Trains the real stories260K Llama for a few steps on tiny-shakespeare with the shipped
-``ds_configs/hf_zero2_adamw_pma_auto.json`` ("auto" values filled by the Trainer). Rank 0 writes
-JSON facts for ``tests/test_deepspeed_hf.py``. (One Trainer per process: accelerate keeps its
-DeepSpeed plugin in process-wide state.)
+``ds_configs/hf_zero2_adamw_pma_auto.json`` ("auto" values filled by the Trainer), then checks that
+``gradient_accumulation_steps=2`` (filled into the "auto" GA) is refused with the PMA message. Rank 0
+writes JSON facts for ``tests/test_deepspeed_hf.py``.
 
 Usage: ``torchrun --nproc_per_node=2 ds_hf_trainer.py --model DIR --text FILE --out results.json --tmp DIR``
 """
@@ -98,6 +98,14 @@ def main():
         "param_change_l1": moved,
         "world": engine.world_size,
     }
+    # then gradient accumulation with PMA: refused when DeepSpeed is initialised, before any step
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # accelerate allows one DeepSpeed Accelerator per process state
+    try:
+        trainer_for(args.model, dataset, Path(args.tmp) / "ga", gradient_accumulation_steps=2).train()
+        results["ga2"] = {"raised": None}
+    except Exception as error:
+        results["ga2"] = {"raised": type(error).__name__, "message": str(error)}
     if engine.global_rank == 0:
         Path(args.out).write_text(json.dumps(results, indent=1))
     shutdown(0)
