@@ -69,16 +69,19 @@ def _ridge_solve_right(A: Tensor, gram: Tensor) -> Tensor:
 
 
 def refine_factors(m: Tensor, L: Tensor, R: Tensor, steps: int, solver: str) -> None:
-    """``steps`` alternating warm-started descent steps on ``||L R - m||_F^2``, in place."""
+    """``steps`` alternating warm-started descent steps on ``||L R - m||_F^2``, in place.
+
+    ``scaled_gd`` takes the unit step preconditioned by the other factor's Gram matrix,
+    ``L <- L - (L R - m) R^T (R R^T)^-1`` (algebraically ``m R^T (R R^T)^-1``, an exact solve for
+    ``L``; the correction form is kept because it loses less to the Gram's conditioning).
+    """
     for _ in range(steps):
-        residual = L @ R - m
-        grad_L = residual @ R.mT
+        grad_L = (L @ R - m) @ R.mT
         if solver == "scaled_gd":
             L.sub_(_ridge_solve_right(grad_L, R @ R.mT))
         else:
             L.sub_(grad_L, alpha=1.0 / _sigma_max_sq(R))
-        residual = L @ R - m
-        grad_R = L.mT @ residual
+        grad_R = L.mT @ (L @ R - m)
         if solver == "scaled_gd":
             R.sub_(_ridge_solve_right(grad_R.mT, L.mT @ L).mT)
         else:

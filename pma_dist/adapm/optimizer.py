@@ -69,7 +69,7 @@ class AdaPM(PMAOptimizer):
         weight_decay: float = 1e-2,
         rank_ratio: float = 0.05,
         update_interval: int = 100,
-        inner_steps: int = 10,
+        inner_steps: int = 2,
         solver: str = "scaled_gd",
         update_clip: Optional[float] = 1.0,
         mini: bool = False,
