@@ -27,9 +27,12 @@ def plot_bytes_per_micro_step(report: dict, path: str) -> None:
         ax.bar([x + i * width for x in range(len(ops))], values, width, label=label)
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(ops))], ops)
     ax.set_ylabel("message bytes per micro-step")
+    tallest = max([r["collectives"].get(op, {}).get("per_micro_step", {}).get("bytes", 0)
+                   for _, r in runs for op in ops] or [0])
+    ax.set_ylim(0, 1.3 * tallest or 1)  # head-room for the legend
     run = report["run"]
     ax.set_title(f"{run['setup']}, K={run['period']}, {run['world_size']} ranks")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
