@@ -375,9 +375,11 @@ def write_run_report(run_dir, baseline_dir=None, topology=None, *, output_dir=No
     os.makedirs(out, exist_ok=True)
     report["plots"] = []
     if plots:
-        from .report_plots import write_plots
-
-        report["plots"] = write_plots(report, out)
+        try:
+            from .report_plots import write_plots
+            report["plots"] = write_plots(report, out)
+        except ImportError as exc:  # matplotlib missing: still write the numbers
+            report["run"]["notes"].append(f"plots skipped: {exc}")
     _atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=1))
     _atomic_write(os.path.join(out, "report.md"), render_markdown(report))
     return report
