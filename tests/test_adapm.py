@@ -340,3 +340,61 @@ def test_flat_partition_is_refused_at_step():
     flat.grad = torch.ones(36)
     with pytest.raises(RuntimeError, match=r"shape \(36,\).*ZeRO stages 1-3"):
         opt.step()
+
+
+def test_checkpoint_of_another_structure_is_refused():
+    model, batches = deep_linear(seed=4)
+    opt = AdaPM(model.named_parameters(), rank_ratio=0.3, policy_overrides={".": "lowrank"})
+    train(model, opt, batches[:2])
+    other = AdaPM(model.named_parameters(), rank_ratio=0.5, policy_overrides={".": "lowrank"})
+    with pytest.raises(ValueError, match=r"does not fit parameter '0\.weight'.*another rank_ratio"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state  # nothing was loaded
+
+
+def test_bf16_parameters_keep_fp32_state():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
+    before = layer.weight.detach().clone()
+    opt = AdaPM([("mlp.fc1.weight", layer.weight)], lr=1e-2, rank_ratio=0.25)
+    layer.weight.grad = torch.randn(16, 16).to(torch.bfloat16)
+    opt.step()
+    assert {t.dtype for k, t in opt.state[layer.weight].items() if k != "step"} == {torch.float32}
+    assert layer.weight.dtype == torch.bfloat16 and not torch.equal(layer.weight, before)
+
+
+def test_deepspeed_engine_check_names_the_stage():
+    class Engine:
+        def __init__(self, stage, bf16=False):
+            self.stage, self.bf16 = stage, bf16
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+        def bfloat16_enabled(self):
+            return self.bf16
+
+        def fp16_enabled(self):
+            return False
+
+    opt = AdaPM([("mlp.fc1.weight", W)])
+    opt.check_deepspeed_engine(Engine(0))
+    for stage in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"ZeRO stage {stage}: ZeRO-1/2/3 give the optimizer flat 1-D"):
+            opt.check_deepspeed_engine(Engine(stage))
+    with pytest.raises(ValueError, match="bf16 optimizer wrapper"):
+        opt.check_deepspeed_engine(Engine(0, bf16=True))
+
+
+def test_benchmark_rejects_unknown_task(capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("adapm_bench", Path(__file__).parents[1] / "benchmarks" / "adapm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/tmp/unused", "--tasks", "pretrain,finetune"])
+    assert "unknown task(s) ['finetune']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/tmp/unused", "--sft-steps", "0"])
+    assert "--sft-steps must be >= 1, got 0" in capsys.readouterr().err

@@ -189,6 +189,24 @@ class AdaPM(PMAOptimizer):
             shapes["exp_avg_sq" + suffix] = _second_moment_shape(seg, mshape, self.mini)
         return shapes
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Refuse, before loading anything, state whose tensors do not fit this optimizer's plan."""
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params):
+            saved = state_dict.get("state", {}).get(index)
+            if not saved:
+                continue
+            plan = self.plan(p)
+            expected = self._state_shapes(plan)
+            got = {k: tuple(v.shape) for k, v in saved.items() if k != "step" and torch.is_tensor(v)}
+            if got != expected:
+                raise ValueError(
+                    f"AdaPM checkpoint does not fit parameter {plan.name!r}: saved state {got}, this optimizer "
+                    f"expects {expected}. Was it saved with another rank_ratio, mini, num_heads, qkv_sizes or "
+                    "policy_overrides?")
+        super().load_state_dict(state_dict)
+
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> List[dict]:
         """Per parameter: its blocks' policies and the bytes of AdaPM's state vs AdamW's.
