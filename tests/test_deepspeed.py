@@ -132,7 +132,7 @@ def test_bf16_setup_step_control_shows_the_quirk(suite):
     assert not result["masters_equal_model_after_init"]
 
 
-@pytest.mark.parametrize("name", ["fp16_overflow_zero0", "fp16_overflow_zero2"])
+@pytest.mark.parametrize("name", ["fp16_overflow_zero0", "fp16_overflow_zero2", "fp16_overflow_zero3"])
 def test_fp16_overflow_skips_step_without_advancing_phase(suite, name):
     result = suite[name]
     if "error" in result and "fp16 is not supported" in result["error"]:

@@ -397,6 +397,8 @@ def make_cases(rank, world, ckpt: Path):
         "control_bf16_zero0_without_setup_steps": lambda: setup_control_case("zero0_adamw_pma_bf16.json"),
         "fp16_overflow_zero0": lambda: overflow_case("zero0_adamw_pma_fp32.json", rank, world),
         "fp16_overflow_zero2": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world),
+        "fp16_overflow_zero3": lambda: overflow_case("zero3_lion_pma_fp32.json", rank, world,
+                                                     zero_optimization=dict(zero3, sub_group_size=300)),
         "error_ga_explicit": lambda: error_case(load_config("zero2_adamw_pma_fp32.json",
                                                             gradient_accumulation_steps=4), rank, world),
         "error_ga_implied": lambda: error_case(
