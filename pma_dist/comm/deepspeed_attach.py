@@ -189,6 +189,10 @@ def _wrap_engine(engine, ledger: CommLedger, optimizer, pma: bool) -> None:
 
     @functools.wraps(original_forward)
     def forward(*args, **kwargs):
+        if not (engine.module.training and torch.is_grad_enabled()):
+            # evaluation is no micro-step: its collectives count as "other" of the step before it
+            with ledger.in_phase("other"):
+                return original_forward(*args, **kwargs)
         if not state["in_micro_step"]:
             ledger.begin_micro_step(engine.micro_steps, micro_step_kind(engine, optimizer, pma))
             state["in_micro_step"] = True

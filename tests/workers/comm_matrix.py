@@ -85,11 +85,23 @@ def run_one(args, stage, dtype, kind, world, period, json_config=False):
     attached_by_config = json_config and getattr(engine, "comm_ledger", None) is ledger
     torch.manual_seed(100 + dist.get_rank())
     model_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    for _ in range(args.periods * period):
+    def evaluate():
+        # an evaluation pass is no micro-step (stages 0-2 send nothing in forward, so the model
+        # comparison stays exact; the tests' micro_steps == periods * K proves it was not counted)
+        if stage < 3:
+            engine.eval()
+            with torch.no_grad():
+                engine(torch.randn(2, 5, dtype=model_dtype))
+            engine.train()
+
+    for micro_step in range(args.periods * period):
         x = torch.randn(2, 5, dtype=model_dtype)
+        if micro_step == period:
+            evaluate()
         loss = engine(x).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
+    evaluate()
     # The file must already be on disk before the engine is destroyed (written once per period).
     written_before_destroy = json.load(open(ledger.path))["meta"]["micro_steps"]
     engine.destroy()
