@@ -29,7 +29,7 @@ import importlib.abc
 import inspect
 import logging
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 

@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
 import torch.distributed as dist
 
 __all__ = [
@@ -75,9 +74,19 @@ def _mpi_env_values() -> Optional[RankInfo]:
 
 
 def _this_host_address() -> str:
-    """An address other hosts can reach; loopback is only right when everything runs on one host."""
+    """An address other hosts can reach (hostnames often resolve to 127.0.1.1 on Debian-like hosts)."""
     try:
-        return socket.gethostbyname(socket.gethostname())
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        routable = sorted({info[4][0] for info in infos} - {"0.0.0.0"})
+        routable = [address for address in routable if not address.startswith("127.")]
+        if routable:
+            return routable[0]
+    except OSError:
+        pass
+    try:  # the interface of the default route; connecting a UDP socket sends nothing
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
     except OSError:
         return "127.0.0.1"
 
@@ -151,12 +160,13 @@ def pop_local_rank_arg(argv: Optional[List[str]] = None) -> Optional[int]:
     return None
 
 
-def default_backend() -> str:
-    """The accelerator's collective backend (nccl on CUDA, gloo on CPU, ...)."""
+def default_backend() -> Optional[str]:
+    """The accelerator's collective backend (nccl on CUDA, gloo on CPU, ...); None without DeepSpeed,
+    which lets ``torch.distributed`` pick per device."""
     try:
         from deepspeed.accelerator import get_accelerator
     except ImportError:
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return None
     return get_accelerator().communication_backend_name()
 
 
@@ -188,10 +198,11 @@ def configure_accelerate_for_deepspeed(backend: Optional[str] = None):
     """
     from accelerate.state import PartialState
 
+    backend = backend or default_backend() or "gloo"
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # makes accelerate start DeepSpeed's comm layer
     try:
-        return PartialState(backend=backend or default_backend())
+        return PartialState(backend=backend)
     finally:
         if previous is None:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
