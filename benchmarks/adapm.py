@@ -124,7 +124,7 @@ class SFT(Task):
         self.evals = tok.sft(evals, source=str(source)).examples
         self.order = sft_data.MicroBatchOrder(len(self.train), self.batch_size, 1, seed=0)
         self.steps = steps
-        self.lrs = {kind: [1e-3, 3e-3] for kind in ("adamw", "adapm", "adapm_mini")}
+        self.lrs = {kind: [1e-3, 3e-3, 1e-2] for kind in ("adamw", "adapm", "adapm_mini")}
         if quick:
             self.lrs = {kind: [3e-3] for kind in self.lrs}
 
@@ -279,6 +279,31 @@ def summarise(results: Dict[str, List[dict]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(results: Dict[str, List[dict]], out: Path) -> List[Path]:
+    """Training loss (moving average over 10 steps) of each optimizer's best learning rate, per task."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for task, runs in results.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, run in sorted(best_runs(runs).items()):
+            losses = torch.tensor(run["losses"])
+            smooth = torch.nn.functional.avg_pool1d(losses[None, None], 10, 1)[0, 0] if len(losses) >= 10 else losses
+            ax.plot(range(len(losses) - len(smooth) + 1, len(losses) + 1), smooth.tolist(),
+                    label=f"{kind} lr={run['lr']:g} (eval {run['eval_loss']:.3f})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (10-step mean)")
+        ax.set_title(f"{task}: best learning rate of each optimizer")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"{task}_loss.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="results directory (resumable)")
@@ -332,6 +357,7 @@ def main(argv=None):
     table += "\n" + scale_table(scale)
     print(table)
     (args.out / "summary.md").write_text(table)
+    plot_curves(results, args.out)
     (args.out / "summary.json").write_text(json.dumps({
         "command": command, "machine": platform.platform(), "threads": args.threads, "torch": torch.__version__,
         "memory_at_paper_scale": scale,
