@@ -33,6 +33,8 @@ from statistics import mean
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pma_dist.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
+
 METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
     "adamw_pma_ref": ("adamw_pma", ["--variant", "reference"], "adamw", True),
     "adamw_pma_paper": ("adamw_pma", ["--variant", "paper"], "adamw", True),
@@ -157,21 +159,7 @@ def launch(args) -> None:
 
 # ------------------------------------------------------------------------------ report
 def curve(out: Path, rid: str):
-    from pma_dist.posttrain.metrics import read_metrics
-
     return read_metrics(out / rid / "metrics.jsonl", "eval")
-
-
-def to_target(rows, target):
-    """(wall-clock, samples) of the first eval at or below target, linearly interpolated; None if never."""
-    for before, after in zip(rows, rows[1:]):
-        if after["eval_loss"] <= target:
-            if before["eval_loss"] <= target:
-                return before["wall_clock"], before["samples"]
-            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
-            return (before["wall_clock"] + f * (after["wall_clock"] - before["wall_clock"]),
-                    before["samples"] + f * (after["samples"] - before["samples"]))
-    return None
 
 
 def report(args) -> dict:
@@ -199,7 +187,7 @@ def report(args) -> dict:
                     if g not in runs or p not in runs:
                         continue
                     target = runs[g]["eval_loss"]
-                    hit = to_target(curve(out, p), target)
+                    hit = time_to_target(curve(out, p), target)
                     entry = {"seed": seed, "target": target, "ga_wall": runs[g]["wall_clock"],
                              "ga_samples": runs[g]["samples"], "pma_final": runs[p]["eval_loss"],
                              "pma_wall_total": runs[p]["wall_clock"]}

@@ -14,13 +14,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def suite_run(tmp_path_factory):
     shared = require_shared_data("models", "stories260K").parents[1]
     require_shared_data("sft", "alpaca_mix_train.jsonl")
     require_shared_data("dpo", "hh_rlhf_harmless_base_test_pairs.jsonl")
     out = tmp_path_factory.mktemp("train_suite")
-    run_ranks("train_suite.py", [out, shared], nproc=2, launcher="deepspeed", timeout=600)
-    return out, json.loads((out / "results.json").read_text())
+    proc = run_ranks("train_suite.py", [out, shared], nproc=2, launcher="deepspeed", timeout=600)
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def suite(suite_run):
+    return suite_run[:2]
 
 
 def _train_losses(path):
@@ -93,3 +98,13 @@ def test_bad_data_file_is_a_clear_error(suite):
     _, results = suite
     assert results["bad_error"] is not None
     assert "bad.jsonl line 2: missing field 'output'" in results["bad_error"]
+
+
+def test_fallback_is_loudly_labelled_and_trains(suite_run):
+    out, results, stdout = suite_run
+    assert "FALLBACK: no real model/data found" in stdout
+    assert results["fallback"]["fallback"] is True and results["fallback"]["model"] == "builtin-fallback"
+    rows = read_metrics(out / "fallback" / "metrics.jsonl")
+    assert all(r["fallback"] is True for r in rows)
+    losses = _train_losses(out / "fallback" / "metrics.jsonl")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -82,6 +82,14 @@ class UpdateVariance:
                 "window_periods": self.window}
 
 
-def iter_runs(paths) -> Iterator[tuple]:
-    for label, path in paths.items():
-        yield label, read_metrics(path)
+def time_to_target(eval_rows: List[dict], target: float) -> Optional[tuple]:
+    """(wall-clock, samples) when eval loss first reaches ``target``, linearly interpolated between
+    evaluations; None if it never does."""
+    for before, after in zip(eval_rows, eval_rows[1:]):
+        if after["eval_loss"] <= target:
+            if before["eval_loss"] <= target:
+                return before["wall_clock"], before["samples"]
+            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
+            return (before["wall_clock"] + f * (after["wall_clock"] - before["wall_clock"]),
+                    before["samples"] + f * (after["samples"] - before["samples"]))
+    return None

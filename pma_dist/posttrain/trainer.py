@@ -186,9 +186,9 @@ class Objective:
         return dpo_terms(logp[:n], logp[n:], ref[:n], ref[n:], self.beta)
 
     @torch.no_grad()
-    def eval_sums(self, engine, batch) -> torch.Tensor:
+    def eval_sums(self, module, batch) -> torch.Tensor:
         """Summable eval statistics: SFT (nll sum, tokens); DPO (loss sum, pairs, logp acc, reward acc)."""
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if self.task == "sft":
             total, count = sft_loss_terms(logits, batch["labels"])
             return torch.stack([total.double(), count.double()])
@@ -215,7 +215,10 @@ def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int,
     width = 2 if cfg.args.task == "sft" else 4
     sums = torch.zeros(width, dtype=torch.float64)
     for chunk in data.eval_batches(examples, cfg.args.eval_batch_size, rank, world):
-        sums += objective.eval_sums(engine, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+        # the bare module, not engine(): evaluation is not a training micro-step (the comm ledger
+        # and DeepSpeed's own counters start one per engine forward); ZeRO-3's gather hooks live
+        # on the module, so this works at every stage
+        sums += objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
     sums = _all_reduce_sum(sums, device)
     engine.train()
     if cfg.args.task == "sft":

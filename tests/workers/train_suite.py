@@ -2,7 +2,7 @@
 
 Jobs, in order: SFT with AdamW-PMA (checkpoints every 8, update variance); SFT with AdamW-K GA;
 the same PMA job stopped at 8 micro-steps then resumed from its checkpoint by a fresh engine; DPO
-with Lion-PMA; and a job on a bad data file, which must fail with a DataError on every rank.
+with Lion-PMA; the built-in fallback (random tiny Llama, synthetic task); and a job on a bad data file, which must fail with a DataError on every rank.
 """
 import json
 import sys
@@ -39,6 +39,9 @@ job("resumed", resume + ["--micro-steps", "16", "--resume"])
 job("dpo", common + ["--task", "dpo", "--train-data", str(shared / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl"),
                      "--optimizer", "lion_pma", "--lr", "3e-4", "--period", "4", "--beta", "0.1",
                      "--micro-steps", "16"])
+
+job("fallback", ["--model", "builtin-fallback", "--micro-batch-size", "4", "--max-length", "64", "--eval-size", "16",
+                 "--eval-every", "0", "--no-progress", "--period", "2", "--lr", "3e-3", "--micro-steps", "8"])
 
 bad = out / "bad.jsonl"
 if dist.get_rank() == 0:

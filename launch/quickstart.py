@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""The README's main job: fine-tune a real small model with AdamW-PMA and with AdamW-K gradient
+accumulation on 2 CPU ranks (DeepSpeed), then write the loss-vs-time plot and the communication report.
+
+    python launch/quickstart.py                        # uses ../shared/data when present
+    python launch/quickstart.py --model <hub name> --train-data <hub dataset>   # online
+    python launch/quickstart.py --fallback             # force the built-in synthetic fallback
+
+With neither shared data nor explicit hub names it runs the clearly labelled built-in fallback (a
+tiny random Llama on a synthetic task). Outputs under --out: ``adamw_pma/`` and ``adamw_ga/`` (metrics
+JSONL, summary), ``loss_vs_time.png``, ``update_variance.png``, ``comm_report/`` (report.md/json/PNG,
+PMA vs the GA baseline) and ``quickstart.json``. A few minutes on a 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pma_dist.posttrain.config import DEFAULT_DATA, DEFAULT_MODEL, FALLBACK  # noqa: E402
+from pma_dist.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "runs" / "quickstart"))
+    p.add_argument("--model", default=None, help="HF model dir or hub name (default: shared stories260K)")
+    p.add_argument("--train-data", default=None, help="SFT jsonl or hub dataset (default: shared alpaca_mix)")
+    p.add_argument("--fallback", action="store_true", help="use the built-in synthetic fallback")
+    p.add_argument("--period", type=int, default=8, help="K: PMA period = GA accumulation steps")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--micro-steps", type=int, default=96)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per training launch")
+    return p.parse_args(argv)
+
+
+def choose_inputs(args):
+    """(model, train data, label): shared data, else the user's hub names, else the fallback."""
+    if args.fallback:
+        return FALLBACK, None, "built-in FALLBACK (random tiny Llama, synthetic task)"
+    if args.model or args.train_data:
+        if not (args.model and args.train_data):
+            sys.exit("quickstart: pass both --model and --train-data (or neither)")
+        return args.model, args.train_data, f"{args.model} on {args.train_data}"
+    if DEFAULT_MODEL.exists() and DEFAULT_DATA["sft"].exists():
+        return str(DEFAULT_MODEL), str(DEFAULT_DATA["sft"]), "stories260K on alpaca_mix (../shared/data)"
+    print("quickstart: ../shared/data not found and no --model/--train-data given: running the FALLBACK",
+          flush=True)
+    return FALLBACK, None, "built-in FALLBACK (random tiny Llama, synthetic task)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(args, name: str, optimizer: str, model: str, data, out: Path) -> dict:
+    run_dir = out / name
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), f"--num_gpus={args.nproc}", f"--master_port={free_port()}",
+           str(REPO / "launch" / "train.py"), "--task", "sft", "--model", model, "--optimizer", optimizer,
+           "--period", str(args.period), "--lr", repr(args.lr), "--micro-steps", str(args.micro_steps),
+           "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length),
+           "--eval-every", str(args.period * 2), "--eval-size", "64", "--log-update-variance",
+           "--variance-window", "3", "--comm-profile", str(run_dir / "comm"), "--output-dir", str(run_dir)]
+    if data:
+        cmd += ["--train-data", data]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print(f"\n=== {name}: {' '.join(cmd)}\n", flush=True)
+    log_path = out / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        sys.exit(f"quickstart: {name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, data, label = choose_inputs(args)
+    k = args.period
+    runs = {"adamw_pma": train(args, "adamw_pma", "adamw_pma", model, data, out),
+            "adamw_ga": train(args, "adamw_ga", "adamw", model, data, out)}
+
+    from pma_dist.comm.report import write_run_report
+    from pma_dist.posttrain.plots import plot_loss_vs_time, plot_update_variance
+
+    metrics = {f"AdamW-PMA K={k}": out / "adamw_pma" / "metrics.jsonl",
+               f"AdamW GA K={k}": out / "adamw_ga" / "metrics.jsonl"}
+    plot_loss_vs_time(metrics, out / "loss_vs_time.png", title=f"{label}: AdamW-PMA vs AdamW GA (K={k}, 2 CPU ranks)")
+    plot_update_variance(metrics, out / "update_variance.png", title=f"{label}: last-layer update variance")
+    write_run_report(out / "adamw_pma" / "comm", baseline_dir=out / "adamw_ga" / "comm",
+                     output_dir=out / "comm_report", period=k)
+
+    target = runs["adamw_ga"]["eval_loss"]
+    hit = time_to_target(read_metrics(out / "adamw_pma" / "metrics.jsonl", "eval"), target)
+    result = {"inputs": label, "fallback": runs["adamw_pma"]["fallback"], "period": k, "lr": args.lr,
+              "ga_final_eval_loss": target, "pma_final_eval_loss": runs["adamw_pma"]["eval_loss"],
+              "ga_wall_clock": runs["adamw_ga"]["wall_clock"], "pma_wall_clock": runs["adamw_pma"]["wall_clock"],
+              "pma_time_to_ga_loss": hit[0] if hit else None, "pma_samples_to_ga_loss": hit[1] if hit else None,
+              "ga_samples": runs["adamw_ga"]["samples"]}
+    (out / "quickstart.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{label}{'  [FALLBACK: synthetic, not real post-training]' if result['fallback'] else ''}")
+    print(f"final eval loss: AdamW-PMA {result['pma_final_eval_loss']:.4f} | AdamW GA K={k} {target:.4f}")
+    if hit:
+        print(f"AdamW-PMA reached the GA run's final eval loss after {hit[0]:.1f} s / {hit[1]:.0f} samples "
+              f"(GA: {result['ga_wall_clock']:.1f} s / {result['ga_samples']} samples): "
+              f"{result['ga_wall_clock'] / hit[0]:.2f}x faster in wall-clock, "
+              f"{result['ga_samples'] / hit[1]:.2f}x in samples")
+    else:
+        print("AdamW-PMA did not reach the GA run's final eval loss in this run")
+    print(f"wrote {out / 'loss_vs_time.png'}, {out / 'update_variance.png'}, {out / 'comm_report' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
