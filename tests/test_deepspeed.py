@@ -62,6 +62,7 @@ def test_json_registered_pma_matches_single_process(suite, stage, optimizer):
 
 def test_zero3_sub_groups_advance_the_clock_once(suite):
     result = case(suite, "parity_zero3_adamw_pma")
+    assert result["param_numel_per_rank"] == [MODEL_NUMEL // 2] * 2  # parameters really are partitioned
     assert result["sub_groups"] > 2  # more sub-groups than param groups: each stepped separately
     assert result["group_steps"] == [STEPS, STEPS]
     # Control: the same run without one_logical_step around ZeRO-3's step drifts off phase.

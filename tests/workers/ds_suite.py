@@ -42,6 +42,7 @@ STEPS = PERIOD * PERIODS
 MICRO = 2  # rows per rank per micro-step
 DIM, DEPTH = 16, 4
 SAVE_AT = 5  # mid-period: tau = 1
+SUB_GROUP = 300  # ZeRO-3 sub_group_size in elements: the 1024 weights of a rank's half become 2 sub-groups
 HYPER = {
     "AdamWPMA": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-3, "weight_decay": 0.01, "period": PERIOD},
     "LionPMA": {"lr": 1e-3, "betas": [0.95, 0.98], "weight_decay": 0.01, "period": PERIOD},
@@ -111,6 +112,11 @@ def load_config(name: str, **overrides) -> dict:
             opt["params"]["period"] = 1
     for key, value in overrides.items():
         cfg[key] = value
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # partition every parameter (the shipped 1e5 threshold would keep these small ones whole) and
+        # split each param group into several sub-groups, which ZeRO-3 steps one by one
+        cfg["zero_optimization"] = dict(zero, stage3_param_persistence_threshold=0, sub_group_size=SUB_GROUP)
     return cfg
 
 
@@ -186,6 +192,9 @@ def parity_case(config_name, opt_name, rank, world, client=None, unwrap_step=Fal
     result["reference_group_steps"] = [g["step"] for g in ref_opt.param_groups]
     if engine.zero_optimization_stage() == 3:
         result["sub_groups"] = len(engine.optimizer.fp16_groups)
+        local = sum(p.ds_tensor.numel() for p in engine.module.parameters())  # this rank's parameter shards
+        result["param_numel_per_rank"] = [None] * world
+        dist.all_gather_object(result["param_numel_per_rank"], local)
     engine.destroy()
     return result
 
@@ -352,18 +361,11 @@ def make_cases(rank, world, ckpt: Path):
     cases = {}
     for stage in (0, 1, 2, 3):
         for opt_name, short in (("AdamWPMA", "adamw_pma"), ("LionPMA", "lion_pma")):
-            overrides = {}
-            if stage == 3:  # small sub-groups: several per param group, stepped one by one
-                zero = json.loads((CONFIGS / f"zero3_{short}_fp32.json").read_text())["zero_optimization"]
-                overrides["zero_optimization"] = dict(zero, sub_group_size=300)
             cases[f"parity_zero{stage}_{short}"] = (
-                lambda s=stage, o=opt_name, sh=short, ov=overrides:
-                parity_case(f"zero{s}_{sh}_fp32.json", o, rank, world, **ov))
+                lambda s=stage, o=opt_name, sh=short: parity_case(f"zero{s}_{sh}_fp32.json", o, rank, world))
 
-    zero3 = json.loads((CONFIGS / "zero3_adamw_pma_fp32.json").read_text())["zero_optimization"]
     cases["control_zero3_sub_groups_unwrapped"] = lambda: parity_case(
-        "zero3_adamw_pma_fp32.json", "AdamWPMA", rank, world, unwrap_step=True,
-        zero_optimization=dict(zero3, sub_group_size=300))
+        "zero3_adamw_pma_fp32.json", "AdamWPMA", rank, world, unwrap_step=True)
 
     def client_instance(params):
         return AdamWPMA(params, **dict(HYPER["AdamWPMA"], betas=tuple(HYPER["AdamWPMA"]["betas"])))
@@ -387,8 +389,7 @@ def make_cases(rank, world, ckpt: Path):
         "offload_zero2_adamw_pma": lambda: parity_case(
             "zero2_adamw_pma_fp32.json", "AdamWPMA", rank, world, zero_optimization=offload_zero2),
         "offload_zero3_lion_pma": lambda: parity_case(
-            "zero3_lion_pma_fp32.json", "LionPMA", rank, world, zero_optimization=dict(offload_zero3,
-                                                                                      sub_group_size=300)),
+            "zero3_lion_pma_fp32.json", "LionPMA", rank, world, zero_optimization=offload_zero3),
         "bf16_zero0_adamw_pma": lambda: bf16_case("zero0_adamw_pma_bf16.json", "AdamWPMA", rank, world),
         "bf16_zero1_fp32acc_adamw_pma": lambda: bf16_case("zero1_adamw_pma_bf16.json", "AdamWPMA", rank, world,
                                                           data_types={"grad_accum_dtype": "fp32"}),
@@ -397,8 +398,7 @@ def make_cases(rank, world, ckpt: Path):
         "control_bf16_zero0_without_setup_steps": lambda: setup_control_case("zero0_adamw_pma_bf16.json"),
         "fp16_overflow_zero0": lambda: overflow_case("zero0_adamw_pma_fp32.json", rank, world),
         "fp16_overflow_zero2": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world),
-        "fp16_overflow_zero3": lambda: overflow_case("zero3_lion_pma_fp32.json", rank, world,
-                                                     zero_optimization=dict(zero3, sub_group_size=300)),
+        "fp16_overflow_zero3": lambda: overflow_case("zero3_lion_pma_fp32.json", rank, world),
         "error_ga_explicit": lambda: error_case(load_config("zero2_adamw_pma_fp32.json",
                                                             gradient_accumulation_steps=4), rank, world),
         "error_ga_implied": lambda: error_case(
