@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--step-cost", action="store_true",
+                   help="only measure seconds per micro-step of each method, interleaved (see docs)")
+    p.add_argument("--step-cost-rounds", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -124,6 +127,23 @@ def plan_stage_b(args, out, task):
     return runs
 
 
+STEP_COST_METHODS = ("adamw_pma_ref", "adamw_ga", "lion_pma", "lion_ga")
+
+
+def step_cost_runs(args):
+    """Short SFT runs cycling through the methods, so machine load hits all of them alike."""
+    return [(m, k, r) for r in range(args.step_cost_rounds) for k in args.periods for m in STEP_COST_METHODS]
+
+
+def step_cost_argv(args, out: Path, method, period, round_):
+    argv = train_argv(args, out, "sft_alpaca", method, period, TASKS["sft_alpaca"][3][METHODS[method][2]][0], 0)
+    argv[argv.index("--micro-steps") + 1] = str(4 * period)
+    argv[argv.index("--eval-size") + 1] = "8"
+    argv[argv.index("--eval-every") + 1] = "0"
+    argv[argv.index("--output-dir") + 1] = str(out / "step_cost" / f"{method}__K{period}__r{round_}")
+    return [a for a in argv if a not in ("--log-update-variance",)]
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
@@ -131,6 +151,11 @@ def worker(args) -> None:
     from pma_dist.posttrain import config, trainer
 
     out = Path(args.out)
+    if args.step_cost:
+        for method, period, round_ in step_cost_runs(args):
+            if not (out / "step_cost" / f"{method}__K{period}__r{round_}" / "summary.json").exists():
+                trainer.run(config.resolve(step_cost_argv(args, out, method, period, round_)))
+        distributed.shutdown(0)
     for task in args.tasks:
         for stage in (plan_stage_a, plan_stage_b):
             dist.barrier() if dist.is_initialized() else None  # every rank sees the same finished runs
@@ -203,13 +228,34 @@ def report(args) -> dict:
                 if per_seed:
                     comparisons.append({"task": task, "K": k, "pma": m, "ga": ga, "pma_lr": best[m],
                                         "ga_lr": best[ga], "seeds": per_seed})
+    costs = step_costs(out)
+    for c in comparisons:
+        ga_cost, pma_cost = costs.get((c["ga"], c["K"])), costs.get((c["pma"].replace("_paper", "_ref"), c["K"]))
+        if ga_cost and pma_cost:
+            c["cost_per_micro_step"] = {"ga": ga_cost, "pma": pma_cost}
+            for e in c["seeds"]:
+                if "sample_ratio" in e:
+                    e["cost_adjusted_ratio"] = e["sample_ratio"] * ga_cost / pma_cost
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "local_rank")},
+              "step_cost": {f"{m}__K{k}": v for (m, k), v in costs.items()},
               "comparisons": comparisons, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "report.md").write_text(markdown(result))
     plots(args, out, result)
     print(markdown(result))
     return result
+
+
+def step_costs(out: Path) -> dict:
+    """(method, K) -> median training seconds per micro-step over the interleaved step-cost rounds."""
+    from statistics import median
+
+    seconds = {}
+    for path in (out / "step_cost").glob("*/summary.json"):
+        method, period, _ = path.parent.name.split("__")
+        r = json.loads(path.read_text())
+        seconds.setdefault((method, int(period[1:])), []).append(r["wall_clock"] / r["micro_steps"])
+    return {key: median(values) for key, values in seconds.items()}
 
 
 def _fmt_ratio(entries, key):
@@ -222,9 +268,9 @@ def _fmt_ratio(entries, key):
 
 
 def markdown(result) -> str:
-    lines = ["| task | K | PMA method (lr) | GA baseline (lr) | seeds | time ratio GA/PMA | samples ratio GA/PMA "
-             "| GA final eval | PMA final eval | DPO acc GA / PMA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | K | PMA method (lr) | GA baseline (lr) | seeds | time ratio GA/PMA (measured) "
+             "| samples ratio GA/PMA | cost-adjusted time ratio | GA final eval | PMA final eval | DPO acc GA / PMA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         s = c["seeds"]
         acc = "-"
@@ -232,7 +278,12 @@ def markdown(result) -> str:
             acc = f"{mean(e['ga_acc'] for e in s):.3f} / {mean(e['pma_acc'] for e in s):.3f}"
         lines.append(f"| {c['task']} | {c['K']} | {c['pma']} ({c['pma_lr']:g}) | {c['ga']} ({c['ga_lr']:g}) | {len(s)} "
                      f"| {_fmt_ratio(s, 'time_ratio')} | {_fmt_ratio(s, 'sample_ratio')} "
+                     f"| {_fmt_ratio(s, 'cost_adjusted_ratio') if 'cost_per_micro_step' in c else '-'} "
                      f"| {mean(e['target'] for e in s):.4f} | {mean(e['pma_final'] for e in s):.4f} | {acc} |")
+    if result["step_cost"]:
+        lines += ["", "Seconds per micro-step (median of interleaved rounds, 2 ranks, training only):", "",
+                  "| method, K | s / micro-step |", "|---|---|"]
+        lines += [f"| {key} | {value:.4f} |" for key, value in sorted(result["step_cost"].items())]
     lines += ["", "Full sweep (final eval loss, training wall-clock s):", "",
               "| run | eval loss | DPO acc | wall-clock s | optimizer steps |", "|---|---|---|---|---|"]
     for rid, r in sorted(result["runs"].items()):
