@@ -216,6 +216,9 @@ def shutdown(code: int = 0) -> None:
     Never returns. Output is flushed first because ``os._exit`` skips interpreter clean-up.
     """
     try:
+        ledger = sys.modules.get("pma_dist.comm.ledger")
+        if ledger is not None:  # os._exit skips atexit: write the last partial period of any open ledger
+            ledger.close_all()
         if dist.is_available() and dist.is_initialized():
             if code == 0:  # a failing rank must not wait for peers that may never arrive
                 dist.barrier()
