@@ -12,11 +12,9 @@ and a resumed run continues exactly where the checkpoint left off without saving
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -304,7 +302,3 @@ def eval_batches(examples: Sequence[dict], batch_size: int, rank: int, world_siz
     mine = list(examples[rank::world_size])
     for start in range(0, len(mine), batch_size):
         yield mine[start : start + batch_size]
-
-
-def epochs_for(micro_steps: int, order: MicroBatchOrder) -> float:
-    return micro_steps / order.steps_per_epoch if order.steps_per_epoch else math.inf

@@ -9,13 +9,10 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,8 +21,6 @@ from . import checkpoints, data, fallback
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 from .metrics import MetricsLog, UpdateVariance
-
-log = logging.getLogger("pma_dist.train")
 
 
 # ------------------------------------------------------------------------------ setup
