@@ -12,7 +12,8 @@ Tasks:
   out 64 records and orders the batches).
 
 Optimizers: ``torch.optim.AdamW`` and ``pma_dist.AdaPM`` (paper settings: rank 5%, T = 100,
-update clip 1), and AdaPM-mini, each at a small learning-rate sweep; all use betas (0.9, 0.95),
+update clip 1), and AdaPM-mini, each at a small learning-rate sweep, plus the paper's ablation
+``adapm_nocorr`` (no residual correction) at AdaPM's best learning rate; all use betas (0.9, 0.95),
 weight decay 0.1, linear warm-up over 5% of the steps then cosine decay to 10%, and global
 gradient-norm clipping at 1.0 (the paper's set-up). Every optimizer sees the same batches.
 
@@ -74,7 +75,9 @@ class Pretrain(Task):
         cut = int(len(ids) * 0.95)
         self.train_ids, self.eval_ids = ids[:cut], ids[cut:]
         self.steps = steps
-        self.lrs = {kind: [3e-3, 1e-2] for kind in ("adamw", "adapm", "adapm_mini")}
+        self.lrs = {kind: [1e-3, 3e-3, 1e-2] for kind in ("adamw", "adapm", "adapm_mini")}
+        self.lrs["adamw"] = [3e-4, 1e-3, 2e-3, 3e-3, 1e-2]  # AdamW's optimum sat between 1e-3 and 3e-3
+        self.lrs["adapm_nocorr"] = [3e-3]  # ablation at AdaPM's best lr
         if quick:
             self.lrs = {kind: [3e-3] for kind in self.lrs}
         gen = torch.Generator().manual_seed(1)
@@ -125,6 +128,7 @@ class SFT(Task):
         self.order = sft_data.MicroBatchOrder(len(self.train), self.batch_size, 1, seed=0)
         self.steps = steps
         self.lrs = {kind: [1e-3, 3e-3, 1e-2] for kind in ("adamw", "adapm", "adapm_mini")}
+        self.lrs["adapm_nocorr"] = [3e-3]  # ablation at AdaPM's best lr
         if quick:
             self.lrs = {kind: [3e-3] for kind in self.lrs}
 
@@ -158,7 +162,8 @@ def make_optimizer(kind: str, model, lr: float, num_heads: int):
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     return AdaPM(model.named_parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, rank_ratio=0.05,
-                 update_interval=100, mini=(kind == "adapm_mini"), num_heads=num_heads)
+                 update_interval=100, mini=(kind == "adapm_mini"), num_heads=num_heads,
+                 residual_correction=(kind != "adapm_nocorr"))
 
 
 def state_memory(kind: str, model, opt) -> dict:
@@ -262,7 +267,7 @@ def summarise(results: Dict[str, List[dict]], command: str) -> str:
     for task, runs in results.items():
         best = best_runs(runs)
         base = best.get("adamw")
-        for kind in ("adamw", "adapm", "adapm_mini"):
+        for kind in ("adamw", "adapm", "adapm_mini", "adapm_nocorr"):
             sweep = sorted((r for r in runs if r["optimizer"] == kind), key=lambda r: r["lr"])
             if not sweep or kind not in best:
                 continue

@@ -156,6 +156,20 @@ def test_warm_started_descent_tracks_best_low_rank_fit(solver):
     assert errors[0] > best.item() * 1.5
 
 
+def test_without_residual_correction_the_momentum_is_the_factors():
+    """The ablation: the update direction is L R / bc1, checked against the stored factors."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))
+    opt = AdaPM([("mlp.fc1.weight", w)], lr=1.0, betas=(0.5, 0.5), eps=1e-8, weight_decay=0.0, rank_ratio=0.4,
+                update_clip=None, residual_correction=False)
+    w.grad = torch.randn(6, 5, dtype=torch.float64)
+    opt.step()
+    s = opt.state[w]
+    v_hat = s["exp_avg_sq"] / 0.5
+    expected = -(s["exp_avg_L"] @ s["exp_avg_R"] / 0.5) / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(w.detach(), expected)
+
+
 def test_update_clip_bounds_every_element():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(8, 8))
@@ -302,6 +316,7 @@ W = torch.nn.Parameter(torch.zeros(6, 6))
     (dict(update_clip=0.0), r"update_clip: 0\.0"),
     (dict(update_clip=-1), r"update_clip: -1"),
     (dict(mini="yes"), r"mini: 'yes'"),
+    (dict(residual_correction=1), r"residual_correction: 1"),
     (dict(num_heads=0), r"num_heads: 0"),
     (dict(qkv_sizes=(4, 4)), r"qkv_sizes: \(4, 4\)"),
     (dict(policy_overrides={"mlp": "half"}), r"policy_overrides\['mlp'\] = 'half'"),

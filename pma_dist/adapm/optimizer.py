@@ -49,6 +49,8 @@ class AdaPM(PMAOptimizer):
             refit; the residual correction then carries everything the factors miss).
         solver: ``"scaled_gd"`` (default, Gram-preconditioned) or ``"gd"`` (plain, step 1/sigma_max^2).
         update_clip: element-wise clip of the normalised update (Alg. 1 line 9: 1.0); ``None`` disables.
+        residual_correction: apply eq. (4) (default); ``False`` uses the factors ``L R`` alone as the
+            momentum (the paper's ablation, Fig. 4a).
         mini: AdaPM-mini: one second moment per Adam-mini block instead of one per entry.
         num_heads: attention heads, for AdaPM-mini's per-head query/key second moment (else per row).
         qkv_sizes: (q, k, v) output sizes of fused QKV weights when they are not equal thirds (GQA).
@@ -72,6 +74,7 @@ class AdaPM(PMAOptimizer):
         inner_steps: int = 2,
         solver: str = "scaled_gd",
         update_clip: Optional[float] = 1.0,
+        residual_correction: bool = True,
         mini: bool = False,
         num_heads: Optional[int] = None,
         qkv_sizes: Optional[Sequence[int]] = None,
@@ -102,7 +105,8 @@ class AdaPM(PMAOptimizer):
         self._fresh: set = set()  # params whose low-rank factors were created this step: fit by SVD
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, update_interval=update_interval, inner_steps=inner_steps,
-                        solver=solver, update_clip=update_clip, period=period, variant=variant)
+                        solver=solver, update_clip=update_clip, residual_correction=residual_correction,
+                        period=period, variant=variant)
         super().__init__(params, defaults, foreach)
 
     # ------------------------------------------------------------------ construction
@@ -117,6 +121,8 @@ class AdaPM(PMAOptimizer):
         _check_int("inner_steps", group["inner_steps"], minimum=0)
         if group["solver"] not in lowrank.SOLVERS:
             raise ValueError(f"Invalid solver: {group['solver']!r} (expected one of {lowrank.SOLVERS})")
+        if not isinstance(group["residual_correction"], bool):
+            raise TypeError(f"Invalid residual_correction: {group['residual_correction']!r} (must be True or False)")
         clip = group["update_clip"]
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
             raise ValueError(f"Invalid update_clip: {clip!r} (must be > 0, or None to disable clipping)")
@@ -278,6 +284,8 @@ class AdaPM(PMAOptimizer):
                 corrected, _ = lowrank.debiased_lowrank_momentum(
                     gs, L, R, beta1=beta1, decay=phase.decay(beta1), grad_weight=phase.grad_weight, refit=refit,
                     inner_steps=group["inner_steps"], solver=group["solver"], seed=phase.step)
+                if not group["residual_correction"]:  # the paper's ablation: the plain low-rank momentum
+                    corrected = L @ R
                 direction = corrected.div_(bc1)
             exp_avg_sq = state["exp_avg_sq" + suffix]
             exp_avg_sq.mul_(phase.decay(beta2)).add_(
