@@ -332,3 +332,34 @@ def test_fused_by_default_warns_once_and_falls_back_without_a_compiler(fused_by_
         set_grads(params, 2)
         opt.step()
     assert fused_by_default == [] and opt.param_groups[0]["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------- ZeRO-Offload
+
+
+@pytest.fixture(scope="module")
+def offload_results(tmp_path_factory):
+    from tests.launching import run_ranks
+
+    out = tmp_path_factory.mktemp("offload") / "results.json"
+    run_ranks("fast_paths_offload.py", [out], nproc=2, launcher="torchrun", timeout=400)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_runs_the_fused_kernel_on_cpu_partitions(offload_results, stage):
+    for optimizer in ("AdamWPMA", "LionPMA"):
+        case = offload_results[f"zero{stage}_{optimizer}"]
+        assert "error" not in case, case.get("error")
+        assert case["fused_calls"] == 8, case  # one per step: the offloaded fp32 partition is one bucket
+        assert case["fused_devices"] == ["cpu"] and case["fused_dtypes"] == ["torch.float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_fused_equals_foreach(offload_results, stage):
+    lion = offload_results[f"zero{stage}_LionPMA"]
+    assert lion["bit_identical"], lion
+    adamw = offload_results[f"zero{stage}_AdamWPMA"]
+    assert adamw["max_rel_diff_of_update"] < 1e-5, adamw  # one-ulp sqrt differences, 8 steps
