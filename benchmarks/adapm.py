@@ -67,7 +67,8 @@ class Pretrain(Task):
     seq, batch_size, eval_windows = 64, 8, 64
     num_heads = 5
 
-    def __init__(self, steps: int, quick: bool):
+    def __init__(self, steps: int, quick: bool, seed: int = 0):
+        self.seed = seed
         path = SHARED / "text" / "tinyshakespeare_train.txt"
         if not path.exists():
             raise SystemExit(f"missing {path}: the benchmark reads the shared data next to the repo")
@@ -86,13 +87,13 @@ class Pretrain(Task):
 
     def model(self):
         from transformers import GPT2Config, GPT2LMHeadModel
-        torch.manual_seed(0)
+        torch.manual_seed(self.seed)
         cfg = GPT2Config(vocab_size=256, n_positions=self.seq, n_embd=160, n_layer=4, n_head=self.num_heads,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg)
 
     def batch(self, step):
-        gen = torch.Generator().manual_seed(10_000 + step)
+        gen = torch.Generator().manual_seed(10_000 + step + 1_000_003 * self.seed)
         starts = torch.randint(0, len(self.train_ids) - self.seq - 1, (self.batch_size,), generator=gen)
         return {"tokens": torch.stack([self.train_ids[s:s + self.seq + 1] for s in starts.tolist()])}
 
@@ -111,8 +112,9 @@ class SFT(Task):
     batch_size, max_length, eval_size = 8, 128, 64
     num_heads = 8
 
-    def __init__(self, steps: int, quick: bool):
+    def __init__(self, steps: int, quick: bool, seed: int = 0):
         from transformers import AutoTokenizer
+        self.seed = seed  # the pretrained model is fixed: the seed only changes the batch order
         self.model_dir = SHARED / "models" / "stories260K"
         source = SHARED / "sft" / "alpaca_mix_train.jsonl"
         for path in (self.model_dir, source):
@@ -125,7 +127,7 @@ class SFT(Task):
         tok = sft_data.Tokeniser(tokenizer, self.max_length)
         self.train = tok.sft(train, source=str(source)).examples
         self.evals = tok.sft(evals, source=str(source)).examples
-        self.order = sft_data.MicroBatchOrder(len(self.train), self.batch_size, 1, seed=0)
+        self.order = sft_data.MicroBatchOrder(len(self.train), self.batch_size, 1, seed=seed)
         self.steps = steps
         self.lrs = {kind: [1e-3, 3e-3, 1e-2] for kind in ("adamw", "adapm", "adapm_mini")}
         self.lrs["adapm_nocorr"] = [3e-3]  # ablation at AdaPM's best lr
@@ -207,7 +209,7 @@ def run_one(task: Task, kind: str, lr: float) -> dict:
     model.eval()
     eval_loss = task.eval_loss(model) if math.isfinite(losses[-1]) else float("nan")
     tail = losses[-max(1, task.steps // 10):]
-    return dict(task=task.name, optimizer=kind, lr=lr, steps=task.steps, losses=losses, eval_loss=eval_loss,
+    return dict(task=task.name, optimizer=kind, lr=lr, steps=task.steps, seed=task.seed, losses=losses, eval_loss=eval_loss,
                 final_train_loss=sum(tail) / len(tail), seconds=seconds,
                 params=sum(p.numel() for p in model.parameters()), memory=state_memory(kind, model, opt))
 
@@ -257,6 +259,25 @@ def scale_table(rows: List[dict]) -> str:
                      f"| {r['state'] / 1e9:.3f} (AdamW {r['adamw_state'] / 1e9:.3f}) | "
                      f"{(1 - r['state'] / r['adamw_state']) * 100:.1f}% less |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_table(results: Dict[str, List[dict]], extra: List[dict]) -> str:
+    """Eval loss of (task, optimizer, lr) runs repeated with other seeds: the spread behind the ratios."""
+    lines = ["| task | optimizer | lr | eval loss per seed | mean | mean vs AdamW mean |", "|---|---|---|---|---|---|"]
+    groups: Dict[tuple, Dict[int, float]] = {}
+    for run in extra:
+        groups.setdefault((run["task"], run["optimizer"], run["lr"]), {})[run["seed"]] = run["eval_loss"]
+    for (task, kind, lr), by_seed in groups.items():
+        for run in results.get(task, []):
+            if run["optimizer"] == kind and run["lr"] == lr:
+                by_seed[0] = run["eval_loss"]
+    means = {key: sum(v.values()) / len(v) for key, v in groups.items()}
+    for (task, kind, lr), by_seed in sorted(groups.items()):
+        base = [m for (t, k, _), m in means.items() if t == task and k == "adamw"]
+        rel = f"{(means[(task, kind, lr)] / base[0] - 1) * 100:+.2f}%" if base else "-"
+        seeds = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in sorted(by_seed.items()))
+        lines.append(f"| {task} | {kind} | {lr:g} | {seeds} | {means[(task, kind, lr)]:.4f} | {rel} |")
+    return "\n".join(lines) + "\n" if groups else ""
 
 
 def summarise(results: Dict[str, List[dict]], command: str) -> str:
@@ -317,6 +338,10 @@ def main(argv=None):
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="one lr per optimizer, 20 steps: a smoke run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model init (pretrain) and batch order; the main table uses seed 0")
+    parser.add_argument("--runs", default=None,
+                        help="only these optimizer:lr pairs, e.g. adamw:0.002,adapm:0.003 (for extra seeds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -329,35 +354,46 @@ def main(argv=None):
     if args.quick:
         args.pretrain_steps = args.sft_steps = 20
 
+    only = None
+    if args.runs:
+        try:
+            only = [(k, float(lr)) for k, lr in (item.split(":") for item in args.runs.split(","))]
+        except ValueError:
+            parser.error(f"--runs={args.runs!r}: expected optimizer:lr pairs such as adamw:0.002,adapm:0.003")
+        bad = sorted({k for k, _ in only} - {"adamw", "adapm", "adapm_mini", "adapm_nocorr"})
+        if bad:
+            parser.error(f"--runs={args.runs!r}: unknown optimizer(s) {bad}")
+    steps = {"pretrain": args.pretrain_steps, "sft": args.sft_steps}
     command = "python benchmarks/adapm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results: Dict[str, List[dict]] = {}
     print(f"$ {command}", flush=True)
     for name in tasks:
-        task = Pretrain(args.pretrain_steps, args.quick) if name == "pretrain" else SFT(args.sft_steps, args.quick)
+        task = (Pretrain if name == "pretrain" else SFT)(steps[name], args.quick, args.seed)
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
         results[name] = []
-        for kind, lrs in task.lrs.items():
-            for lr in lrs:
-                path = folder / f"{kind}_lr{lr:g}_steps{task.steps}.json"
-                if path.exists():
-                    run = json.loads(path.read_text())
-                    print(f"[{name}] {kind} lr={lr:g}: cached eval {run['eval_loss']:.4f}", flush=True)
-                else:
-                    run = run_one(task, kind, lr)
-                    path.write_text(json.dumps(run))
-                    print(f"[{name}] {kind} lr={lr:g}: eval {run['eval_loss']:.4f} train {run['final_train_loss']:.4f} "
-                          f"({run['seconds']:.0f}s)", flush=True)
-                results[name].append(run)
+        pairs = [(k, lr) for k, lrs in task.lrs.items() for lr in lrs] if only is None else only
+        for kind, lr in pairs:
+            path = folder / (f"{kind}_lr{lr:g}_steps{task.steps}" + (f"_seed{args.seed}" if args.seed else "")
+                             + ".json")
+            if path.exists():
+                run = json.loads(path.read_text())
+                print(f"[{name}] {kind} lr={lr:g}: cached eval {run['eval_loss']:.4f}", flush=True)
+            else:
+                run = run_one(task, kind, lr)
+                path.write_text(json.dumps(run))
+                print(f"[{name}] {kind} lr={lr:g}: eval {run['eval_loss']:.4f} train {run['final_train_loss']:.4f} "
+                      f"({run['seconds']:.0f}s)", flush=True)
+            results[name].append(run)
     # the summary covers every task with results on disk for these step counts (tasks may run apart)
-    steps = {"pretrain": args.pretrain_steps, "sft": args.sft_steps}
-    results = {}
+    results, extra_seeds = {}, []
     for path in sorted(args.out.glob("*/*.json")):
         run = json.loads(path.read_text())
         if run.get("steps") == steps.get(run.get("task")):
-            results.setdefault(run["task"], []).append(run)
+            (results.setdefault(run["task"], []) if not run.get("seed") else extra_seeds).append(run)
     table = summarise(results, "python benchmarks/adapm.py --out " + str(args.out)
                       + (" --quick" if args.quick else "") + " [--tasks pretrain | --tasks sft]")
+    table += "\n" + seeds_table(results, extra_seeds)
     scale = memory_at_scale()
     table += "\n" + scale_table(scale)
     print(table)

@@ -413,3 +413,9 @@ def test_benchmark_rejects_unknown_task(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--out", "/tmp/unused", "--sft-steps", "0"])
     assert "--sft-steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/tmp/unused", "--runs", "adamw:0.002,sgd:0.1"])
+    assert "unknown optimizer(s) ['sgd']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/tmp/unused", "--runs", "adamw=0.002"])
+    assert "--runs='adamw=0.002': expected optimizer:lr pairs" in capsys.readouterr().err
