@@ -260,6 +260,21 @@ def test_overrides_win_and_gqa_sizes():
         ("query", "lowrank", 0, 0, 16, 4), ("key", "lowrank", 0, 16, 4, 1), ("value", "full", 0, 20, 4, 0)]
 
 
+def test_mini_shares_keys_per_kv_head():
+    """Grouped-query attention: 8 query heads, 4 key-value heads of 8 dims each."""
+    q = torch.nn.Parameter(torch.zeros(64, 64))
+    k = torch.nn.Parameter(torch.zeros(32, 64))
+    opt = AdaPM([("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", k)], mini=True, num_heads=8,
+                num_kv_heads=4)
+    assert opt.plan(q).segments[0].heads == 8 and opt.plan(k).segments[0].heads == 4
+    q.grad = torch.ones(64, 64)
+    k.grad = torch.arange(32.0)[:, None].repeat(1, 64)  # row i has gradient i
+    opt.step()
+    assert opt.state[k]["exp_avg_sq"].shape == (4,)
+    rows = torch.arange(32.0).reshape(4, 8)
+    torch.testing.assert_close(opt.state[k]["exp_avg_sq"], 0.001 * (rows ** 2).mean(dim=1))
+
+
 def test_unnamed_parameters_warn_and_use_full_momentum():
     w = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.warns(UserWarning, match="without names"):
@@ -318,6 +333,7 @@ W = torch.nn.Parameter(torch.zeros(6, 6))
     (dict(mini="yes"), r"mini: 'yes'"),
     (dict(residual_correction=1), r"residual_correction: 1"),
     (dict(num_heads=0), r"num_heads: 0"),
+    (dict(num_kv_heads=-2), r"num_kv_heads: -2"),
     (dict(qkv_sizes=(4, 4)), r"qkv_sizes: \(4, 4\)"),
     (dict(policy_overrides={"mlp": "half"}), r"policy_overrides\['mlp'\] = 'half'"),
     (dict(policy_overrides={"(": "full"}), r"pattern '\('"),
@@ -342,7 +358,7 @@ def test_bad_structure_is_named():
         AdaPM([("attn.c_attn.weight", torch.nn.Parameter(torch.zeros(6, 10)))])
     with pytest.raises(ValueError, match=r"qkv_sizes=\(4, 4, 4\) \(sum 12\) matches no axis"):
         AdaPM([("attn.c_attn.weight", torch.nn.Parameter(torch.zeros(6, 18)))], qkv_sizes=(4, 4, 4))
-    with pytest.raises(ValueError, match=r"num_heads=4 does not divide the query block of 'q_proj\.weight' \(6"):
+    with pytest.raises(ValueError, match=r"4 heads do not divide the query block of 'q_proj\.weight' \(6"):
         AdaPM([("q_proj.weight", W)], mini=True, num_heads=4)
 
 

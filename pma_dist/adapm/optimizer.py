@@ -53,6 +53,8 @@ class AdaPM(PMAOptimizer):
             momentum (the paper's ablation, Fig. 4a).
         mini: AdaPM-mini: one second moment per Adam-mini block instead of one per entry.
         num_heads: attention heads, for AdaPM-mini's per-head query/key second moment (else per row).
+        num_kv_heads: key-value heads of grouped-query attention (keys are shared per kv head);
+            defaults to ``num_heads``.
         qkv_sizes: (q, k, v) output sizes of fused QKV weights when they are not equal thirds (GQA).
         policy_overrides: ``{regex: "none" | "lowrank" | "full"}`` searched in parameter names before
             the built-in rules (first match wins); a match on a fused QKV weight takes it whole.
@@ -77,6 +79,7 @@ class AdaPM(PMAOptimizer):
         residual_correction: bool = True,
         mini: bool = False,
         num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
         qkv_sizes: Optional[Sequence[int]] = None,
         policy_overrides: Optional[Mapping[str, str]] = None,
         param_names: Optional[Mapping[Tensor, str]] = None,
@@ -87,6 +90,7 @@ class AdaPM(PMAOptimizer):
     ):
         _check_fraction("rank_ratio", rank_ratio)
         _check_int("num_heads", num_heads, minimum=1, optional=True)
+        _check_int("num_kv_heads", num_kv_heads, minimum=1, optional=True)
         if not isinstance(mini, bool):
             raise TypeError(f"Invalid mini: {mini!r} (must be True or False)")
         if qkv_sizes is not None:
@@ -97,7 +101,7 @@ class AdaPM(PMAOptimizer):
         if param_names is not None and not isinstance(param_names, Mapping):
             raise TypeError(f"Invalid param_names: {type(param_names).__name__} (expected a mapping parameter -> name)")
         self._overrides = check_overrides(policy_overrides)
-        self._structure = dict(rank_ratio=float(rank_ratio), num_heads=num_heads,
+        self._structure = dict(rank_ratio=float(rank_ratio), num_heads=num_heads, num_kv_heads=num_kv_heads,
                                qkv_sizes=tuple(qkv_sizes) if qkv_sizes is not None else None)
         self.mini = mini
         self._param_names = param_names or {}
@@ -209,7 +213,7 @@ class AdaPM(PMAOptimizer):
             if got != expected:
                 raise ValueError(
                     f"AdaPM checkpoint does not fit parameter {plan.name!r}: saved state {got}, this optimizer "
-                    f"expects {expected}. Was it saved with another rank_ratio, mini, num_heads, qkv_sizes or "
+                    f"expects {expected}. Was it saved with another rank_ratio, mini, num_heads, num_kv_heads, qkv_sizes or "
                     "policy_overrides?")
         super().load_state_dict(state_dict)
 

@@ -120,6 +120,7 @@ def plan_param(
     rank_ratio: float,
     overrides: Tuple[Tuple[re.Pattern, str, str], ...] = (),
     num_heads: Optional[int] = None,
+    num_kv_heads: Optional[int] = None,
     qkv_sizes: Optional[Sequence[int]] = None,
 ) -> ParamPlan:
     ndim = len(shape)
@@ -131,7 +132,7 @@ def plan_param(
         segments, start = [], 0
         for sub_role, length in zip(("query", "key", "value"), sizes):
             segments.append(_segment(name, shape, sub_role, ROLE_KIND[sub_role], out_axis, start, length,
-                                     rank_ratio, num_heads))
+                                     rank_ratio, _heads_of(sub_role, num_heads, num_kv_heads)))
             start += length
         return ParamPlan(name, tuple(shape), tuple(segments))
 
@@ -144,7 +145,13 @@ def plan_param(
             f"{tuple(shape)}, but low-rank momentum needs a 2-D matrix"
         )
     length = shape[0] if ndim >= 1 else 1
-    return ParamPlan(name, tuple(shape), (_segment(name, shape, role, kind, 0, 0, length, rank_ratio, num_heads),))
+    heads = _heads_of(role, num_heads, num_kv_heads)
+    return ParamPlan(name, tuple(shape), (_segment(name, shape, role, kind, 0, 0, length, rank_ratio, heads),))
+
+
+def _heads_of(role: str, num_heads: Optional[int], num_kv_heads: Optional[int]) -> Optional[int]:
+    """Heads of a query block, or key-value heads of a key block (grouped-query attention)."""
+    return num_kv_heads if role == "key" and num_kv_heads is not None else num_heads
 
 
 def _segment(name, shape, role, kind, out_axis, start, length, rank_ratio, num_heads) -> Segment:
@@ -158,8 +165,8 @@ def _segment(name, shape, role, kind, out_axis, start, length, rank_ratio, num_h
                 partition = "row"
             elif length % num_heads:
                 raise ValueError(
-                    f"num_heads={num_heads} does not divide the {role} block of {name!r} "
-                    f"({length} output rows); pass the model's number of attention heads"
+                    f"{num_heads} heads do not divide the {role} block of {name!r} ({length} output rows); "
+                    f"pass the model's num_heads (and num_kv_heads for grouped-query attention)"
                 )
     heads = num_heads if partition == "head" else 0
     seg = Segment(role, kind, out_axis, start, length, partition, heads=heads)
