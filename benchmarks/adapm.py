@@ -60,6 +60,7 @@ class Task:
     def eval_loss(self, model) -> float: ...
     def loss(self, model, batch) -> torch.Tensor: ...
     num_heads: int = None
+    num_kv_heads: int = None
 
 
 class Pretrain(Task):
@@ -110,7 +111,7 @@ class Pretrain(Task):
 class SFT(Task):
     name = "sft"
     batch_size, max_length, eval_size = 8, 128, 64
-    num_heads = 8
+    num_heads, num_kv_heads = 8, 4  # stories260K: grouped-query attention
 
     def __init__(self, steps: int, quick: bool, seed: int = 0):
         from transformers import AutoTokenizer
@@ -160,11 +161,11 @@ class SFT(Task):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def make_optimizer(kind: str, model, lr: float, num_heads: int):
+def make_optimizer(kind: str, model, lr: float, num_heads: int, num_kv_heads: int = None):
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
     return AdaPM(model.named_parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, rank_ratio=0.05,
-                 update_interval=100, mini=(kind == "adapm_mini"), num_heads=num_heads,
+                 update_interval=100, mini=(kind == "adapm_mini"), num_heads=num_heads, num_kv_heads=num_kv_heads,
                  residual_correction=(kind != "adapm_nocorr"))
 
 
@@ -192,7 +193,7 @@ def lr_at(step: int, steps: int, peak: float) -> float:
 def run_one(task: Task, kind: str, lr: float) -> dict:
     model = task.model()
     model.train()
-    opt = make_optimizer(kind, model, lr, task.num_heads)
+    opt = make_optimizer(kind, model, lr, task.num_heads, task.num_kv_heads)
     losses, started = [], time.perf_counter()
     for step in range(task.steps):
         for group in opt.param_groups:
