@@ -9,7 +9,7 @@ import torch
 
 from pma_dist.adapm import AdaPM
 from pma_dist.adapm import lowrank
-from pma_dist.adapm.policy import plan_param
+from pma_dist.adapm.policy import check_overrides, plan_param
 from pma_dist.optim import AdamWPMA
 
 torch.set_num_threads(1)
@@ -252,8 +252,7 @@ def test_llama_qwen_phi_policies():
 
 def test_overrides_win_and_gqa_sizes():
     overridden = plan_param("h.0.attn.c_attn.weight", (8, 24), rank_ratio=0.5,
-                            overrides=__import__("pma_dist.adapm.policy", fromlist=["x"]).check_overrides(
-                                {r"attn\.c_attn": "full", "mlp": "none"}))
+                            overrides=check_overrides({r"attn\.c_attn": "full", "mlp": "none"}))
     assert [s.kind for s in overridden.segments] == ["full"]
     gqa = plan_param("layers.0.self_attn.qkv_proj.weight", (16 + 4 + 4, 16), rank_ratio=0.25, qkv_sizes=(16, 4, 4))
     assert [(s.role, s.kind, s.out_axis, s.start, s.length, s.rank) for s in gqa.segments] == [
