@@ -169,6 +169,8 @@ def _optimizer_setup(engine, optimizer, stack: contextlib.ExitStack) -> None:
                                 train_batch_size=engine.train_batch_size(),
                                 micro_batch_size=engine.train_micro_batch_size_per_gpu(),
                                 data_parallel_size=engine.dp_world_size)
+    if hasattr(optimizer, "check_deepspeed_engine"):  # e.g. AdaPM refuses flat ZeRO partitions, before any work
+        optimizer.check_deepspeed_engine(engine)
     from deepspeed.runtime.zero import utils as zero_utils
     if type(optimizer) not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(type(optimizer))

@@ -60,17 +60,21 @@ def adamw_pma_tensor(
     exp_avg.mul_(phase.decay(beta1)).add_(g, alpha=(1 - beta1) * phase.grad_weight)
     exp_avg_sq.mul_(phase.decay(beta2)).addcmul_(g, g, value=(1 - beta2) * phase.grad_weight)
     theta.mul_(1 - step_lr * weight_decay)
-    if variant == "reference" and not phase.is_large:
-        denom = exp_avg_sq.sqrt().add_(eps).div_(bc2)
-    else:
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
-    theta.addcdiv_(exp_avg, denom, value=-step_lr / bc1)
+    theta.addcdiv_(exp_avg, adamw_pma_denominator(exp_avg_sq, phase, bc2, eps, variant), value=-step_lr / bc1)
     if variant == "paper" and phase.is_large:
         exp_avg.mul_(phase.state_rescale())
         exp_avg_sq.mul_(phase.state_rescale())
 
     if theta is not param:
         param.copy_(theta)
+
+
+def adamw_pma_denominator(exp_avg_sq: Tensor, phase: PMAPhase, bc2: float, eps: float, variant: str) -> Tensor:
+    """The AdamW-PMA denominator D (a new tensor): the reference's small steps divide by bc2 after
+    adding eps; every other step is sqrt(v / bc2) + eps."""
+    if variant == "reference" and not phase.is_large:
+        return exp_avg_sq.sqrt().add_(eps).div_(bc2)
+    return exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
 
 
 def adamw_pma_foreach(

@@ -294,7 +294,8 @@ class AdaPM(PMAOptimizer):
             exp_avg_sq = state["exp_avg_sq" + suffix]
             exp_avg_sq.mul_(phase.decay(beta2)).add_(
                 _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=(1 - beta2) * phase.grad_weight)
-            denom = _denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), phase, bc2, eps, group["variant"])
+            denom = F.adamw_pma_denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), phase, bc2, eps,
+                                          group["variant"])
             update = direction / denom
             if clip is not None:
                 update.clamp_(-float(clip), float(clip))
@@ -343,13 +344,6 @@ def _expand(v: Tensor, seg: Segment, gshape, mini: bool) -> Tensor:
         return v[:, None]
     heads = v.shape[0]
     return v.repeat_interleave(gshape[0] // heads)[:, None]
-
-
-def _denominator(v: Tensor, phase: PMAPhase, bc2: float, eps: float, variant: str) -> Tensor:
-    # Mirrors pma_dist.functional.adamw_pma_tensor, so AdaPM with full momentum is AdamW-PMA.
-    if variant == "reference" and not phase.is_large:
-        return v.sqrt().add_(eps).div_(bc2)
-    return v.sqrt().div_(math.sqrt(bc2)).add_(eps)
 
 
 def _deepspeed_param_name(p: Tensor) -> Optional[str]:
