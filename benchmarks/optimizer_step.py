@@ -10,8 +10,9 @@ Step time does not depend on the values, so sharing buffers changes nothing but 
 
 Bytes moved: an AdamW-type step reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
 exp_avg_sq (28 B per fp32 parameter); a Lion-type step reads param, grad, exp_avg and writes param,
-exp_avg (20 B). Each candidate's GB/s is compared with an in-place ``add_`` over a 1 GiB buffer
-(read + write, like the optimizers) at the same thread count: the machine's practical streaming limit.
+exp_avg (20 B). Each candidate's GB/s is compared with a "stream" candidate timed in the same rounds:
+a C++ loop with exactly the memory traffic of an AdamW step and next to no arithmetic (p += g, m += g,
+v += g on scratch buffers): the machine's practical limit for this access pattern, under the same load.
 
     python benchmarks/optimizer_step.py                          # 1M,10M,100M params; 1 and all threads
     python benchmarks/optimizer_step.py --sizes 10M --threads 1 --repeats 5 --quick
@@ -39,10 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pma_dist import AdamWPMA, LionPMA  # noqa: E402
+from pma_dist.kernels import load_cpu_kernels  # noqa: E402
 
 PERIOD = 8
 ADAMW_BYTES_PER_PARAM = 28
 LION_BYTES_PER_PARAM = 20
+STREAM = "stream: AdamW's traffic, no math"
 SMALL_STEP, LARGE_STEP = 1, PERIOD  # t=1 is a small step of the period, t=K the large one
 
 
@@ -95,6 +98,7 @@ class Buffers:
         self.exp_avgs = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
         self.exp_avg_sqs = [torch.rand(s, generator=gen) * 1e-6 for s in shapes]
         self.numel = sum(p.numel() for p in self.params)
+        self.shapes = shapes
 
     def adopt(self, optimizer, step_value, lion: bool = False) -> None:
         """Point the optimizer's state at the shared buffers (each keeps its own step counter)."""
@@ -138,6 +142,14 @@ def build_candidates(buffers: Buffers, quick: bool, with_deepspeed: bool) -> Lis
         buffers.adopt(opt, tensor_step)
         candidates.append(Candidate(f"torch AdamW {label}", "adamw", opt.step, "baseline"))
 
+    # The roofline, timed in the same rounds as everyone else: the memory traffic of an AdamW step
+    # (read p, g, m, v; write p, m, v) with next to no arithmetic, on scratch buffers of the same
+    # shapes, with the fused kernels' chunking and threads. Several streams, like the optimizers: a
+    # single-buffer copy or add_ reaches less bandwidth per core and would understate the limit.
+    scratch = [[torch.zeros(s) for s in buffers.shapes] for _ in range(4)]
+    stream = load_cpu_kernels().stream_like_adamw
+    candidates.append(Candidate(STREAM, "adamw", lambda: stream(*scratch), "roofline"))
+
     grads = [p.grad for p in params]
     candidates.append(Candidate("Lion (plain foreach)", "lion",
                                 lambda: plain_lion_step(params, grads, buffers.exp_avgs), "baseline"))
@@ -167,22 +179,6 @@ def build_candidates(buffers: Buffers, quick: bool, with_deepspeed: bool) -> Lis
 
 
 # --------------------------------------------------------------------------------------- timing
-
-
-def stream_bandwidth(repeats: int, n_bytes: int = 1 << 30) -> float:
-    """GB/s of an in-place ``add_`` over a buffer, counted as read + write: the practical streaming limit.
-
-    In place, like the optimizers (they write the lines they just read), so no write-allocate traffic
-    is hidden from the count, as it would be for a copy into a separate buffer.
-    """
-    buf = torch.zeros(n_bytes // 4)
-    buf.add_(1.0)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.add_(1.0)
-        times.append(time.perf_counter() - t0)
-    return 2 * n_bytes / statistics.median(times) / 1e9
 
 
 def time_candidates(candidates: List[Candidate], repeats: int, warmup: int, seed: int) -> Dict[str, List[float]]:
@@ -237,9 +233,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="skip the slow per-tensor/for-loop paths")
     parser.add_argument("--match", default=None,
-                        help="only candidates whose name matches this regex (torch AdamW fused is always kept)")
+                        help="only candidates whose name matches this regex (torch AdamW fused and the stream are kept)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
-    parser.add_argument("--stream-mib", type=int, default=1024, help="buffer size of the stream-bandwidth benchmark")
     parser.add_argument("--out", default="benchmarks/results/optimizer_step.json")
     args = parser.parse_args(argv)
 
@@ -255,8 +250,6 @@ def main(argv=None) -> dict:
             re.compile(args.match)
         except re.error as exc:
             raise SystemExit(f"--match: {args.match!r} is not a regular expression ({exc})")
-    if args.stream_mib < 1:
-        raise SystemExit(f"--stream-mib must be >= 1, got {args.stream_mib}")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
 
@@ -265,20 +258,19 @@ def main(argv=None) -> dict:
     print(f"# {result['machine']}\n# load average at start: {result['load_average_start']}")
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        bandwidth = stream_bandwidth(max(5, args.repeats), args.stream_mib << 20)
-        print(f"\n## {threads} thread(s): stream bandwidth {bandwidth:.1f} GB/s "
-              f"(in-place add_ over a {args.stream_mib} MiB buffer, read + write)")
+        print(f"\n## {threads} thread(s)")
         for size in sizes:
             shapes = transformer_shapes(size)
             buffers = Buffers(shapes)
             candidates = build_candidates(buffers, args.quick, not args.no_deepspeed)
             if args.match:
-                candidates = [c for c in candidates if c.name == "torch AdamW fused" or re.search(args.match, c.name)]
+                candidates = [c for c in candidates
+                              if c.name in ("torch AdamW fused", STREAM) or re.search(args.match, c.name)]
             times = time_candidates(candidates, args.repeats, args.warmup, seed=size + threads)
-            run = summarise(candidates, times, buffers.numel, len(shapes), threads, bandwidth)
+            run = summarise(candidates, times, buffers.numel, len(shapes), threads)
             result["runs"].append(run)
             print_run(run)
-            del buffers, candidates
+            del buffers, candidates, times
             gc.collect()
     result["load_average_end"] = load_average()
     print(f"\n# load average at end: {result['load_average_end']}")
@@ -289,11 +281,12 @@ def main(argv=None) -> dict:
     return result
 
 
-def summarise(candidates, times, numel, n_tensors, threads, bandwidth) -> dict:
+def summarise(candidates, times, numel, n_tensors, threads) -> dict:
     medians = {c.name: statistics.median(times[c.name]) for c in candidates}
     minima = {c.name: min(times[c.name]) for c in candidates}
     adamw_baselines = [c.name for c in candidates if c.name.startswith("torch AdamW")]
     best_adamw = min(adamw_baselines, key=medians.get)
+    bandwidth = numel * ADAMW_BYTES_PER_PARAM / medians[STREAM] / 1e9
     rows = []
     for c in candidates:
         moved = numel * (ADAMW_BYTES_PER_PARAM if c.family == "adamw" else LION_BYTES_PER_PARAM)
@@ -320,7 +313,7 @@ def summarise(candidates, times, numel, n_tensors, threads, bandwidth) -> dict:
 
 def print_run(run: dict) -> None:
     print(f"\n### {run['params'] / 1e6:.1f}M params in {run['tensors']} tensors, {run['threads']} thread(s); "
-          f"ratio = median / median of {run['best_torch_adamw']}")
+          f"ratio = median / median of {run['best_torch_adamw']}; stream bandwidth {run['stream_gb_per_s']:.1f} GB/s")
     print(f"| {'candidate':<36} | {'median ms':>9} | {'ratio':>5} | {'paired':>6} | {'min ms':>8} | {'min ratio':>9} "
           f"| {'spread':>6} | {'GB/s':>6} | {'% stream bw':>9} |")
     print(f"|{'-' * 38}|{'-' * 10}:|{'-' * 6}:|{'-' * 7}:|{'-' * 9}:|{'-' * 10}:|{'-' * 7}:|{'-' * 7}:|{'-' * 10}:|")

@@ -251,7 +251,7 @@ def test_optimizer_step_benchmark_runs_and_reports_ratios(tmp_path):
     bench = load_benchmark("optimizer_step")
     out = tmp_path / "bench.json"
     result = bench.main(["--sizes", "20K", "--threads", "1", "--repeats", "1", "--warmup", "0", "--quick",
-                         "--no-deepspeed", "--stream-mib", "8", "--out", str(out)])
+                         "--no-deepspeed", "--out", str(out)])
     assert json.loads(out.read_text())["runs"][0]["params"] == result["runs"][0]["params"]
     rows = {r["name"]: r for r in result["runs"][0]["rows"]}
     assert rows[result["runs"][0]["best_torch_adamw"]]["ratio_to_best_torch_adamw"] == 1.0

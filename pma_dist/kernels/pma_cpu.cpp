@@ -220,11 +220,38 @@ void lion_pma_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads
   });
 }
 
+// Roofline for benchmarks: the memory traffic of an AdamW step (read p, g, m, v; write p, m, v) with
+// the same chunking and threads, and next to no arithmetic (p += g, m += g, v += g). An optimizer as
+// fast as this is bound by memory alone.
+void stream_like_adamw(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
+                       std::vector<at::Tensor> exp_avg_sqs) {
+  check_lists("stream_like_adamw", {&params, &grads, &exp_avgs, &exp_avg_sqs});
+  TORCH_CHECK(params[0].scalar_type() == at::kFloat, "stream_like_adamw: float32 only");
+  const auto spans = split_into_spans(params);
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) {
+      const Span& span = spans[s];
+      float* p = params[span.tensor].data_ptr<float>() + span.begin;
+      const float* g = grads[span.tensor].data_ptr<float>() + span.begin;
+      float* m = exp_avgs[span.tensor].data_ptr<float>() + span.begin;
+      float* v = exp_avg_sqs[span.tensor].data_ptr<float>() + span.begin;
+      for (int64_t i = 0; i < span.length; i += kWidth) {
+        const int64_t k = std::min(kWidth, span.length - i);
+        const Vec gv = load_float(g + i, k);
+        store_float(p + i, load_float(p + i, k) + gv, k);
+        store_float(m + i, load_float(m + i, k) + gv, k);
+        store_float(v + i, load_float(v + i, k) + gv, k);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused single-pass CPU kernels for AdamW-PMA and Lion-PMA (see pma_dist/kernels/pma_cpu.cpp)";
   m.def("adamw_pma_step", &adamw_pma_step, py::call_guard<py::gil_scoped_release>());
   m.def("lion_pma_step", &lion_pma_step, py::call_guard<py::gil_scoped_release>());
+  m.def("stream_like_adamw", &stream_like_adamw, py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = kWidth;
 }
