@@ -79,3 +79,14 @@ def test_sigkill_one_rank_then_resume_loses_at_most_one_interval(tmp_path):
     assert train[-1]["train_loss"] < train[0]["train_loss"]
     walls = [r["wall_clock"] for r in train]
     assert walls == sorted(walls)  # the training clock continues across the restart
+
+    # a corrupted checkpoint: the relaunch stops before loading it, naming the file
+    tag = (out / "checkpoints" / "latest_verified").read_text().strip()
+    victim_file = sorted((out / "checkpoints" / tag).glob("*model_states.pt"))[0]
+    raw = bytearray(victim_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim_file.write_bytes(bytes(raw))
+    third = run_ranks(TRAIN, args + ["--resume", "--micro-steps", str(MICRO_STEPS + SAVE_EVERY)], nproc=2,
+                      launcher="deepspeed", timeout=420, check=False)
+    assert third.returncode != 0
+    assert f"train.py: error: checkpoint file corrupted: {victim_file}" in third.stdout + third.stderr
