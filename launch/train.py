@@ -4,7 +4,8 @@
     deepspeed --num_gpus 8 launch/train.py --deepspeed ds_configs/zero2_pma.json \
         --task sft --model <dir or hub name> --train-data <jsonl or hub name> --optimizer adamw_pma --period 8
 
-Also runs under ``torchrun --nproc_per_node N`` and ``mpirun -np N python``. See docs/training.md.
+Also runs under ``torchrun --nproc_per_node N`` and ``mpirun -np N python``; ``--backend fsdp`` or
+``--backend ddp`` trains with PyTorch FSDP2 / DDP instead of DeepSpeed. See docs/training.md.
 """
 from __future__ import annotations
 

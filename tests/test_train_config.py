@@ -64,7 +64,8 @@ def test_ga_config_period_comes_from_gradient_accumulation(tmp_path):
     (["--period", "4", "--save-every", "6", "--micro-steps", "12"],
      "--save-every 6 must be a multiple of the train-log interval 4"),
     (["--optimizer", "lion_pma", "--variant", "paper"], "--variant paper applies only to --optimizer adamw_pma"),
-    (["--backend", "fsdp"], "--backend fsdp is not available in launch/train.py yet"),
+    (["--backend", "fsdp", "--deepspeed", "ds.json"],
+     "--deepspeed ds.json is a DeepSpeed setting, but --backend is fsdp"),
     (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed config not found: /nonexistent/ds.json"),
 ])
 def test_bad_flags_are_named(argv, message):

@@ -50,7 +50,7 @@ class ConfigError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="SFT / DPO post-training with PMA optimizers or gradient-accumulation baselines "
-                    "(DeepSpeed; launch with deepspeed, torchrun or mpirun). See docs/training.md.")
+                    "(DeepSpeed, FSDP2 or DDP; launch with deepspeed, torchrun or mpirun). See docs/training.md.")
     p.add_argument("--task", choices=("sft", "dpo"), default="sft")
     p.add_argument("--model", default=None,
                    help=f"local HF model dir or hub name (default: {DEFAULT_MODEL} if present, "
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--overlong", choices=("truncate", "skip", "error"), default="truncate",
                    help="what to do with records longer than --max-length (always counted and reported)")
-    p.add_argument("--deepspeed", dest="deepspeed_config", default=None, help="DeepSpeed JSON config")
+    p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON config (--backend deepspeed only)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--period", type=int, default=None, help="K: PMA period, or GA steps for adamw/lion")
     p.add_argument("--variant", choices=("reference", "paper"), default=None, help="AdamW-PMA variant")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None, help="--backend deepspeed only")
     p.add_argument("--gradient-clipping", type=float, default=None)
     p.add_argument("--micro-steps", type=int, default=64, help="total micro-batches per rank")
     p.add_argument("--eval-every", type=int, default=32, help="micro-steps between evaluations (0: start/end only)")
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-update-variance", action="store_true", help="log last-layer update variance")
     p.add_argument("--variance-window", type=int, default=8, help="periods per update-variance window")
     p.add_argument("--comm-profile", default=None, help="write the communication ledger to this directory")
-    p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed")
+    p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed",
+                   help="deepspeed (ZeRO 0-3, --deepspeed CONFIG), fsdp (FSDP2 fully_shard) or ddp (DDP "
+                        "no_sync for GA); fsdp/ddp take no --deepspeed/--zero-stage and write DCP checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p
@@ -116,9 +119,14 @@ class TrainConfig:
     def micro_batch_size(self) -> int:
         return self.ds_config["train_micro_batch_size_per_gpu"]
 
+    @property
+    def checkpoint_format(self) -> str:
+        return "deepspeed" if self.args.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
+
     def identity(self) -> dict:
         """What a checkpoint must agree with to be resumed by this run."""
-        return {"task": self.args.task, "optimizer": self.optimizer, "period": self.period,
+        return {"checkpoint_format": self.checkpoint_format, "task": self.args.task,
+                "optimizer": self.optimizer, "period": self.period,
                 "micro_batch_size": self.micro_batch_size, "seed": self.args.seed, "model": self.model,
                 "train_data": self.train_data}
 
@@ -147,6 +155,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _check_torch_backend_flags(args: argparse.Namespace) -> None:
+    """Flags that mean something only to DeepSpeed, or that FSDP2/DDP checkpoints cannot honour."""
+    for flag, value in (("--deepspeed", args.deepspeed_config), ("--zero-stage", args.zero_stage)):
+        if value is not None:
+            raise ConfigError(f"{flag} {value} is a DeepSpeed setting, but --backend is {args.backend}: "
+                              f"drop it, or use --backend deepspeed (the settings it would carry have flags: "
+                              f"--micro-batch-size, --gradient-clipping, --lr, ...)")
+    if args.resume and not args.trust_checkpoint:
+        raise ConfigError(f"--resume with --backend {args.backend} needs --trust-checkpoint: its checkpoints are "
+                          f"torch.distributed.checkpoint directories, whose reader unpickles .metadata and "
+                          f"non-tensor entries (it can run code from the files); pass --trust-checkpoint only "
+                          f"for checkpoints you wrote")
+
+
 def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     for name in ("micro_steps", "eval_size", "max_length", "eval_batch_size", "variance_window"):
@@ -158,8 +180,7 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     if args.beta <= 0:
         raise ConfigError(f"--beta (DPO) must be > 0, got {args.beta}")
     if args.backend != "deepspeed":
-        raise ConfigError(f"--backend {args.backend} is not available in launch/train.py yet "
-                          f"(only 'deepspeed'); see docs/training.md")
+        _check_torch_backend_flags(args)
 
     user = _load_json(args.deepspeed_config) if args.deepspeed_config else {}
     source = args.deepspeed_config or "the built-in defaults"

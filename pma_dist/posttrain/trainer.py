@@ -1,13 +1,13 @@
-"""The post-training loop under DeepSpeed: one micro-batch per ``engine.step()``, for PMA and GA alike.
+"""The post-training loop: one micro-batch per micro-step, for PMA and GA alike, under DeepSpeed, FSDP2 or DDP.
 
 ``run(cfg)`` does one whole job (load, train, evaluate, checkpoint, log) and returns a summary;
 ``launch/train.py`` calls it once, ``benchmarks/post_training.py`` calls it for many runs inside
 one launch. All data, config and checkpoint problems are raised before the first training step.
+The loop talks to the backend only through :mod:`pma_dist.posttrain.backends`.
 """
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import math
 import time
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoints, data, fallback
+from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 from .metrics import MetricsLog, UpdateVariance
@@ -136,9 +137,8 @@ def deepspeed_config(cfg: TrainConfig, uses_client_optimizer: bool) -> dict:
     return ds
 
 
-def optimizer_step_count(engine) -> int:
-    """Optimizer steps as the optimizer itself counted them (independent of DeepSpeed's counter)."""
-    opt = engine.basic_optimizer if getattr(engine, "basic_optimizer", None) is not None else engine.optimizer
+def optimizer_step_count(opt) -> int:
+    """Optimizer steps as the optimizer itself counted them (independent of the backend's counter)."""
     steps = [g["step"] for g in opt.param_groups if isinstance(g.get("step"), int)]
     if steps:
         return max(steps)
@@ -152,6 +152,8 @@ def last_layer(model) -> torch.nn.Parameter:
 
 
 def _full_weight(param) -> torch.Tensor:
+    if hasattr(param, "full_tensor"):  # an FSDP2 DTensor shard: all-gather (every rank calls it)
+        return param.detach().full_tensor()
     if hasattr(param, "ds_id"):  # ZeRO-3 partitions it: gather (a collective, every rank calls it)
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -209,11 +211,18 @@ def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int,
     rank, world = dist.get_rank(), dist.get_world_size()
     width = 2 if cfg.args.task == "sft" else 4
     sums = torch.zeros(width, dtype=torch.float64)
-    for chunk in data.eval_batches(examples, cfg.args.eval_batch_size, rank, world):
+    batches = list(data.eval_batches(examples, cfg.args.eval_batch_size, rank, world))
+    # FSDP2 and ZeRO-3 all-gather parameters in every forward, so every rank must run as many
+    # forwards as rank 0 (which has the most): the extra ones are discarded
+    most = len(list(data.eval_batches(examples, cfg.args.eval_batch_size, 0, world)))
+    for index in range(most):
+        chunk = batches[index] if index < len(batches) else list(examples[:1])
         # the bare module, not engine(): evaluation is not a training micro-step (the comm ledger
-        # and DeepSpeed's own counters start one per engine forward); ZeRO-3's gather hooks live
-        # on the module, so this works at every stage
-        sums += objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+        # and DeepSpeed's own counters start one per engine forward); ZeRO-3's and FSDP2's gather
+        # hooks live on the module, so this works for every backend
+        result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+        if index < len(batches):
+            sums += result
     sums = _all_reduce_sum(sums, device)
     engine.train()
     if cfg.args.task == "sft":
@@ -224,12 +233,18 @@ def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int,
 
 # ------------------------------------------------------------------------------ the job
 def run(cfg: TrainConfig) -> dict:
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     args = cfg.args
     if not dist.is_initialized():
-        deepspeed.init_distributed()
+        if args.backend == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed()
+        else:
+            from pma_dist.torch_parallel import init_process_group
+
+            init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -246,11 +261,13 @@ def run(cfg: TrainConfig) -> dict:
             _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
         else:
             resume_state = checkpoints.verify(ckpt_dir / resume_tag)
+            # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's
+            saved = dict({"checkpoint_format": "deepspeed"}, **resume_state.get("identity", {}))
             for key, value in cfg.identity().items():
-                if resume_state.get("identity", {}).get(key) != value:
+                if saved.get(key) != value:
                     raise checkpoints.CheckpointError(
                         f"checkpoint {ckpt_dir / resume_tag} was written with {key}="
-                        f"{resume_state.get('identity', {}).get(key)!r}, this run has {key}={value!r}")
+                        f"{saved.get(key)!r}, this run has {key}={value!r}")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
     sets = load_datasets(cfg, tokenizer)
@@ -263,22 +280,16 @@ def run(cfg: TrainConfig) -> dict:
     if args.task == "dpo":
         # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    client = make_client_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    ds_config = deepspeed_config(cfg, client is not None)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine = build_backend(cfg, model)
     device = torch.device(get_accelerator().current_device_name())
     if reference is not None:
         reference.to(device)
     objective = Objective(args.task, args.beta, reference)
-    checkpoints.install_safe_engine(engine, trust=args.trust_checkpoint)
 
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     start, wall = 0, 0.0
     if resume_tag is not None:
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
-        if path is None:
-            raise checkpoints.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / resume_tag}")
+        engine.load(ckpt_dir, resume_tag)
         start, wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
         metrics.truncate_after(start)
         _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {start}")
@@ -291,10 +302,11 @@ def run(cfg: TrainConfig) -> dict:
         variance.observe(_full_weight(head))
 
     samples_per_micro = cfg.micro_batch_size * world
-    common = dict(task=args.task, optimizer=cfg.optimizer, period=cfg.period, fallback=cfg.fallback)
+    common = dict(task=args.task, optimizer=cfg.optimizer, period=cfg.period, fallback=cfg.fallback,
+                  backend=args.backend)
 
     def stamp(micro_step: int) -> dict:
-        return dict(micro_step=micro_step, optimizer_steps=int(engine.global_steps),
+        return dict(micro_step=micro_step, optimizer_steps=engine.global_steps,
                     samples=micro_step * samples_per_micro, wall_clock=round(wall, 4), **common)
 
     def do_eval(micro_step: int) -> dict:
@@ -305,7 +317,7 @@ def run(cfg: TrainConfig) -> dict:
     def do_save(micro_step: int) -> None:
         tag = f"micro{micro_step:08d}"
         state = {"micro_step": micro_step, "wall_clock": wall, "identity": cfg.identity()}
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        engine.save(ckpt_dir, tag, state)
         dist.barrier()
         if rank == 0:
             checkpoints.write_manifest(ckpt_dir / tag, state)
@@ -324,9 +336,8 @@ def run(cfg: TrainConfig) -> dict:
     for micro in range(start, args.micro_steps):
         began = time.perf_counter()
         chunk = [sets.train.examples[i] for i in order.indices(micro, rank)]
-        loss = objective.loss(engine, _to_device(data.collate(chunk, args.task, pad), device))
-        engine.backward(loss)
-        engine.step()
+        batch = _to_device(data.collate(chunk, args.task, pad), device)
+        loss = engine.micro_step(lambda model: objective.loss(model, batch))
         wall += time.perf_counter() - began
         window_loss += loss.item()
         window_n += 1
@@ -356,8 +367,8 @@ def run(cfg: TrainConfig) -> dict:
     if last_eval is None:
         last_eval = do_eval(args.micro_steps)
 
-    summary = dict(common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(engine),
-                   engine_global_steps=int(engine.global_steps), world_size=world,
+    summary = dict(common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(engine.optimizer),
+                   engine_global_steps=engine.global_steps, world_size=world,
                    micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * samples_per_micro,
                    wall_clock=wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
                    variant=cfg.optimizer_params.get("variant"), model=cfg.model, train_data=cfg.train_data,
@@ -365,15 +376,18 @@ def run(cfg: TrainConfig) -> dict:
                    skipped=sets.train.skipped, resumed_from=resume_tag, **last_eval)
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _release(engine)
+    engine.release()
     return summary
 
 
-def _release(engine) -> None:
-    """Free an engine so a benchmark can build the next one in the same process."""
-    try:
-        engine.destroy()
-    except Exception:  # older DeepSpeed without destroy(): dropping references is enough on CPU
-        pass
-    del engine
-    gc.collect()
+def build_backend(cfg: TrainConfig, model):
+    """The model wrapped for ``--backend``, with its optimizer (see :mod:`pma_dist.posttrain.backends`)."""
+    if cfg.args.backend != "deepspeed":
+        return build_torch_backend(cfg, model)
+    import deepspeed
+
+    client = make_client_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    ds_config = deepspeed_config(cfg, client is not None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    return DeepSpeedBackend(engine, trust_checkpoint=cfg.args.trust_checkpoint)
