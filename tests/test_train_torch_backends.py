@@ -84,6 +84,19 @@ def test_fsdp_resume_continues_the_same_metrics(suite):
 
 
 @pytest.mark.slow
+def test_ddp_resumes_an_fsdp_checkpoint(suite):
+    out, results = suite
+    assert results["ddp_from_fsdp"]["resumed_from"] == "micro00000004"
+    rows = read_metrics(out / "ddp_from_fsdp" / "metrics.jsonl")
+    assert [r["backend"] for r in rows if r["micro_step"] > 4] == ["ddp"] * 3
+    reference = [r for r in read_metrics(out / "fsdp_pma" / "metrics.jsonl") if r["kind"] != "update_variance"]
+    assert [(r["kind"], r["micro_step"], r["optimizer_steps"]) for r in rows] == [
+        (r["kind"], r["micro_step"], r["optimizer_steps"]) for r in reference]
+    losses = [r.get("train_loss", r.get("eval_loss")) for r in rows]
+    assert losses == pytest.approx([r.get("train_loss", r.get("eval_loss")) for r in reference], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_fsdp_dpo_with_lion_pma(suite):
     out, results = suite
     evals = _rows(out, "fsdp_dpo", "eval")

@@ -2,8 +2,8 @@
 
 Jobs on the built-in fallback model, in order: SFT with AdamW-PMA on FSDP2 (checkpoints, update
 variance, an eval set that does not split evenly over the ranks); the same job on DDP; SFT with the
-AdamW GA baseline on DDP; the FSDP2 PMA job stopped at 4 micro-steps then resumed; DPO with
-Lion-PMA on FSDP2. Rank 0 writes results.json with the summaries.
+AdamW GA baseline on DDP; the FSDP2 PMA job stopped at 4 micro-steps then resumed, once by FSDP2
+and once by DDP (DCP checkpoints are layout-free); DPO with Lion-PMA on FSDP2. Rank 0 writes results.json with the summaries.
 """
 import json
 import sys
@@ -32,6 +32,8 @@ job("ddp_pma", pma + ["--backend", "ddp", "--micro-steps", "8"])
 job("ddp_ga", common + ["--backend", "ddp", "--optimizer", "adamw", "--micro-steps", "8"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "4"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "8", "--resume", "--trust-checkpoint"])
+job("ddp_from_fsdp", pma + ["--backend", "fsdp", "--micro-steps", "4"])
+job("ddp_from_fsdp", pma + ["--backend", "ddp", "--micro-steps", "8", "--resume", "--trust-checkpoint"])
 job("fsdp_dpo", common + ["--backend", "fsdp", "--task", "dpo", "--optimizer", "lion_pma", "--lr", "3e-4",
                           "--micro-steps", "4"])
 
