@@ -27,7 +27,7 @@ OPTIMIZERS = {
     # name: (optimizer block, gradient_accumulation_steps)
     "adamw_pma": ({"type": "AdamWPMA",
                    "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "period": PERIOD,
-                              "variant": "reference"}}, 1),
+                              "variant": "paper"}}, 1),
     "lion_pma": ({"type": "LionPMA",
                   "params": {"lr": LR, "betas": [0.95, 0.98], "weight_decay": 0.0, "period": PERIOD}}, 1),
     # torch_adam: torch.optim.AdamW, the same kind of (foreach) implementation as AdamWPMA and no JIT build;

@@ -304,8 +304,9 @@ class AdamWPMA(PMAOptimizer):
         eps: added to the denominator (honoured by both variants).
         weight_decay: decoupled weight decay, scaled like the step's learning rate.
         period: K, the number of micro-steps per period (what gradient accumulation would call K).
-        variant: ``"reference"`` (the authors' released code, the default for now) or ``"paper"``
-            (the printed algorithm; K = 1 is exactly ``torch.optim.AdamW``). See ``docs/math.md``.
+        variant: ``"paper"`` (the default: the printed algorithm, whose momentum is GA's at the end of
+            every period; K = 1 is exactly ``torch.optim.AdamW``) or ``"reference"`` (the authors'
+            released code). The default was chosen by the post-training benchmark; see ``docs/math.md``.
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
             float32/bfloat16/float16 parameters), raising if it cannot. See ``docs/performance.md``.
@@ -321,7 +322,7 @@ class AdamWPMA(PMAOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         period: int = 8,
-        variant: str = "reference",
+        variant: str = "paper",
         *,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,

@@ -219,7 +219,7 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         if value is not None:
             params[key] = list(value) if key == "betas" else value
     if optimizer == "adamw_pma":
-        params["variant"] = args.variant or params.get("variant", "reference")
+        params["variant"] = args.variant or params.get("variant", "paper")
     elif args.variant is not None:
         raise ConfigError(f"--variant {args.variant} applies only to --optimizer adamw_pma, not {optimizer}")
     if optimizer.startswith("lion"):
