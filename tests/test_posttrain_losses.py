@@ -4,8 +4,6 @@ import math
 import pytest
 import torch
 
-from pma_dist import LionPMA
-from pma_dist.posttrain.baselines import Lion
 from pma_dist.posttrain.data import IGNORE_INDEX
 from pma_dist.posttrain.losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 
@@ -50,26 +48,3 @@ def test_dpo_loss_at_reference_is_log2():
     assert t.loss.tolist() == pytest.approx([math.log(2)] * 2)
     assert t.reward_accuracy.tolist() == [0.0, 0.0]  # no margin yet
     assert t.logp_accuracy.tolist() == [1.0, 1.0]
-
-
-def test_lion_baseline_equals_lion_pma_with_period_one():
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
-    b = torch.nn.Parameter(a.detach().clone())
-    lion, pma = Lion([a], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1), LionPMA([b], lr=0.01, betas=(0.9, 0.99),
-                                                                                  weight_decay=0.1, period=1)
-    for _ in range(6):
-        g = torch.randn(5, 3, dtype=torch.float64)
-        a.grad, b.grad = g.clone(), g.clone()
-        lion.step()
-        pma.step()
-    assert torch.equal(a, b)
-    assert int(lion.state[a]["step"]) == 6
-
-
-def test_lion_baseline_rejects_bad_hyperparameters():
-    p = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ValueError, match="lr=0"):
-        Lion(p, lr=0)
-    with pytest.raises(ValueError, match="betas"):
-        Lion(p, betas=(0.9, 1.0))

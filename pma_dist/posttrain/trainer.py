@@ -97,19 +97,17 @@ def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 def make_client_optimizer(cfg: TrainConfig, parameters):
     """The optimizer object handed to ``deepspeed.initialize``, or None when the config names it.
 
-    AdamW is DeepSpeed's ``"AdamW"`` with ``torch_adam`` (``torch.optim.AdamW``); Lion is the plain
-    :class:`~pma_dist.posttrain.baselines.Lion` (DeepSpeed's is GPU-only). The PMA optimizers go
+    AdamW is DeepSpeed's ``"AdamW"`` with ``torch_adam`` (``torch.optim.AdamW``); Lion is
+    ``LionPMA(period=1)``, which is Lion bit for bit (DeepSpeed's Lion is GPU-only). The PMA optimizers go
     through the config (``pma_dist.deepspeed_integration`` registers their names) when it is
     installed, else they are built here.
     """
     from pma_dist import AdamWPMA, LionPMA
 
-    from .baselines import Lion
-
     p = dict(cfg.optimizer_params)
     betas = tuple(p.pop("betas"))
     if cfg.optimizer == "lion":
-        return Lion(parameters, betas=betas, **p)
+        return LionPMA(parameters, betas=betas, period=1, **p)  # K = 1 is plain Lion; DeepSpeed accumulates
     if cfg.optimizer == "adamw" or _config_knows_pma():
         return None
     if cfg.optimizer == "adamw_pma":
