@@ -21,9 +21,9 @@ MATRIX = [(stage, dtype, kind) for stage in range(4) for dtype in ("fp32", "bf16
 
 
 # --- in-process: switching on/off, validation, files -----------------------------------------
-def test_off_means_nothing_is_patched():
+def test_off_means_nothing_is_patched(tmp_path):
     before = (dist.all_reduce, c10d.all_gather_single, dist.reduce_scatter_tensor)
-    ledger = CommLedger("unused", meta={})
+    ledger = CommLedger(str(tmp_path / "ledger"), meta={})
     assert active_ledger() is None and (dist.all_reduce, c10d.all_gather_single,
                                         dist.reduce_scatter_tensor) == before
     ledger.install()
@@ -32,6 +32,7 @@ def test_off_means_nothing_is_patched():
         assert dist.all_reduce.__wrapped__ is before[0]
     finally:
         ledger.uninstall()
+        ledger.close()
     assert (dist.all_reduce, c10d.all_gather_single, dist.reduce_scatter_tensor) == before
     assert active_ledger() is None
 
