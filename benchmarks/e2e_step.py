@@ -37,13 +37,19 @@ HYPER = dict(lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.01)
 # ------------------------------------------------------------------------------------------ worker
 
 
-def engine_config(stage: int, mode: str, period: int, micro_batch: int, offload: bool = False) -> dict:
+def engine_config(stage: int, mode: str, period: int, micro_batch: int, offload: bool = False,
+                  persistence_threshold: float = 1e4) -> dict:
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}
     if offload:  # ZeRO-Offload: GA's AdamW becomes DeepSpeedCPUAdam; PMA runs as a client-style CPU optimizer
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if stage == 3:
-        zero.update(sub_group_size=1e9, stage3_prefetch_bucket_size=5e8, stage3_param_persistence_threshold=1e5)
+        # Persistent (never partitioned) parameters are all-gathered after every optimizer step, so
+        # with PMA after every micro-step. In a real model only norms and biases fall under
+        # DeepSpeed's default 1e5 elements; in this few-M-param model the attention matrices would
+        # too, so the default threshold is scaled down with the model (--persistence-threshold).
+        zero.update(sub_group_size=1e9, stage3_prefetch_bucket_size=5e8,
+                    stage3_param_persistence_threshold=persistence_threshold)
     if mode == "ga":
         optimizer, gas = {"type": "AdamW", "params": dict(HYPER)}, period
     else:
@@ -87,7 +93,8 @@ def worker(args) -> None:
     engines = {}
     for mode in MODES:
         model = build_model(args.hidden, args.layers, args.vocab, seed=0)
-        cfg = engine_config(args.stage, mode, args.period, args.micro_batch, args.offload)
+        cfg = engine_config(args.stage, mode, args.period, args.micro_batch, args.offload,
+                            args.persistence_threshold)
         engines[mode], *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     n_params = sum(p.numel() for p in build_model(args.hidden, args.layers, args.vocab, seed=0).parameters())
 
@@ -122,6 +129,7 @@ def worker(args) -> None:
                 step_times[mode].append(in_step / args.period)
     if rank == 0:
         Path(args.out).write_text(json.dumps(dict(stage=args.stage, offload=args.offload, world=world, params=n_params,
+                                                  persistence_threshold=args.persistence_threshold,
                                                   period=args.period, micro_batch=args.micro_batch, seq=args.seq,
                                                   micro_step_s=times, engine_step_s=step_times)))
     shutdown(0)
@@ -135,7 +143,8 @@ def launch_stage(args, stage: int, out: Path) -> dict:
 
     worker_args = ["--worker", "--stage", stage, "--out", out, "--period", args.period, "--periods", args.periods,
                    "--warmup", args.warmup, "--hidden", args.hidden, "--layers", args.layers, "--vocab", args.vocab,
-                   "--seq", args.seq, "--micro-batch", args.micro_batch] + (["--offload"] if args.offload else [])
+                   "--seq", args.seq, "--micro-batch", args.micro_batch,
+                   "--persistence-threshold", args.persistence_threshold] + (["--offload"] if args.offload else [])
     port = free_port()
     cmd = launcher_command("torchrun", args.nproc, Path(__file__).resolve(), port) + [str(a) for a in worker_args]
     env = rank_env({"MASTER_PORT": str(port)})
@@ -160,6 +169,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--persistence-threshold", type=float, default=1e4,
+                        help="ZeRO-3 stage3_param_persistence_threshold (elements)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", default="benchmarks/results/e2e_step.json")
     args = parser.parse_args(argv)

@@ -258,6 +258,7 @@ def test_optimizer_step_benchmark_runs_and_reports_ratios(tmp_path):
     for name in ("AdamWPMA fused reference small", "AdamWPMA fused paper large", "LionPMA fused large",
                  "AdamWPMA foreach reference small", "Lion (plain foreach)", "torch AdamW fused"):
         assert rows[name]["median_ms"] > 0
+    assert rows[bench.STREAM]["fraction_of_stream_bandwidth"] == 1.0
     assert rows["LionPMA fused small"]["gb_per_s"] * rows["LionPMA fused small"]["median_ms"] == pytest.approx(
         result["runs"][0]["params"] * 20 / 1e6)
 
