@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(command=" ".join(["e2e_step.py"] + (argv if argv is not None else sys.argv[1:])),
+    result = dict(command=shlex.join(["e2e_step.py"] + (argv if argv is not None else sys.argv[1:])),
                   load_average_start=list(os.getloadavg()), stages=[])
     for stage in stages:
         run = launch_stage(args, stage, out.with_suffix(f".zero{stage}{'-offload' if args.offload else ''}.raw.json"))

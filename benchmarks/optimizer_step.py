@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import re
 import statistics
 import sys
@@ -253,7 +254,7 @@ def main(argv=None) -> dict:
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
 
-    result = dict(command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+    result = dict(command=shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                   machine=machine_info(), load_average_start=load_average(), period=PERIOD, runs=[])
     print(f"# {result['machine']}\n# load average at start: {result['load_average_start']}")
     for threads in thread_counts:
