@@ -145,8 +145,8 @@ class PMAOptimizer(torch.optim.Optimizer):
         if fused is None:
             return (FUSED_BY_DEFAULT and group["foreach"] is None
                     and type(self)._update_fused is not PMAOptimizer._update_fused
-                    and kernels.fused_unsupported_reason(params, grads, *moments) is None
-                    and _fused_kernel_loads())
+                    and kernels.may_fuse(params) and _fused_kernel_loads()
+                    and kernels.fused_unsupported_reason(params, grads, *moments) is None)
         if not fused:
             return False
         reason = kernels.fused_unsupported_reason(params, grads, *moments)

@@ -197,7 +197,7 @@ def test_fused_rejects_non_contiguous_parameters():
     param = base.t().detach().requires_grad_()
     opt = LionPMA([param], fused=True)
     param.grad = torch.ones_like(param)
-    with pytest.raises(ValueError, match=r"\(shape \(4, 6\)\) or its gradient is not contiguous"):
+    with pytest.raises(ValueError, match=r"tensor 0 of list 0 \(shape \[4, 6\]\) is not contiguous"):
         opt.step()
 
 

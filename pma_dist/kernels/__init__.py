@@ -5,7 +5,7 @@ ZeRO-Offload, where DeepSpeed runs the step on CPU). It reads every element once
 and agrees bit for bit with the foreach path of :mod:`pma_dist.functional`. See ``docs/performance.md``.
 """
 from .build import FusedKernelUnavailable, load_cpu_kernels, unavailable_reason
-from .cpu import adamw_pma_fused, fused_unsupported_reason, lion_pma_fused
+from .cpu import adamw_pma_fused, fused_unsupported_reason, lion_pma_fused, may_fuse
 
 __all__ = ["FusedKernelUnavailable", "adamw_pma_fused", "fused_unsupported_reason", "lion_pma_fused",
-           "load_cpu_kernels", "unavailable_reason"]
+           "load_cpu_kernels", "may_fuse", "unavailable_reason"]

@@ -18,23 +18,27 @@ from .coefficients import AdamWStepCoefficients, LionStepCoefficients
 FUSED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def may_fuse(params: Sequence[Tensor]) -> bool:
+    """Cheap first look (no build): could the kernel take a bucket of these parameters at all?"""
+    return bool(params) and params[0].device.type == "cpu" and params[0].dtype in FUSED_PARAM_DTYPES
+
+
 def fused_unsupported_reason(params: Sequence[Tensor], grads: Sequence[Tensor],
                              *moment_lists: Sequence[Tensor]) -> Optional[str]:
-    """``None`` if the fused CPU kernel can update these lists, otherwise a sentence saying why not."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.device.type != "cpu":
-            return f"parameter {i} is on {p.device}; the fused kernel runs on CPU tensors only"
-        if p.dtype not in FUSED_PARAM_DTYPES:
-            return f"parameter {i} is {p.dtype}; the fused kernel supports float32, bfloat16 and float16"
-        if g.dtype != p.dtype or g.device != p.device:
-            return f"gradient {i} is {g.dtype} on {g.device} but its parameter is {p.dtype} on {p.device}"
-        if not (p.is_contiguous() and g.is_contiguous()):
-            return f"parameter {i} (shape {tuple(p.shape)}) or its gradient is not contiguous"
-        for moments in moment_lists:
-            m = moments[i]
-            if m.dtype != torch.float32 or not m.is_contiguous() or m.device != p.device:
-                return f"the state of parameter {i} is {m.dtype} on {m.device}; expected contiguous float32"
-    return None
+    """``None`` if the fused CPU kernel can update these lists, otherwise a sentence saying why not.
+
+    The device and dtype of the first parameter are checked here, so that lists the kernel could never
+    take (CUDA, float64) never trigger its build; the per-tensor checks run in C++ (they are per step).
+    """
+    if not params:
+        return None
+    first = params[0]
+    if first.device.type != "cpu":
+        return f"parameter 0 is on {first.device}; the fused kernel runs on CPU tensors only"
+    if first.dtype not in FUSED_PARAM_DTYPES:
+        return f"parameter 0 is {first.dtype}; the fused kernel supports float32, bfloat16 and float16"
+    problem = load_cpu_kernels().unsupported_reason([list(params), list(grads)] + [list(m) for m in moment_lists])
+    return problem or None
 
 
 def adamw_pma_fused(

@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <sstream>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -150,26 +152,46 @@ std::vector<Span> split_into_spans(const std::vector<at::Tensor>& params) {
   return spans;
 }
 
-void check_lists(const char* who, const std::vector<std::vector<at::Tensor>*>& lists) {
-  const auto& params = *lists[0];
-  TORCH_CHECK(!params.empty(), who, ": empty parameter list");
+// Why the kernel cannot take these lists ("" if it can). Parameters and gradients share one dtype
+// (float32, bfloat16 or float16); moments are float32; everything is contiguous, on CPU, same sizes.
+std::string find_problem(const std::vector<std::vector<at::Tensor>>& lists) {
+  std::ostringstream why;
+  const auto& params = lists.at(0);
+  if (params.empty()) return "empty parameter list";
   const auto param_dtype = params[0].scalar_type();
-  TORCH_CHECK(param_dtype == at::kFloat || param_dtype == at::kBFloat16 || param_dtype == at::kHalf, who,
-              ": parameters must be float32, bfloat16 or float16, got ", param_dtype);
+  if (param_dtype != at::kFloat && param_dtype != at::kBFloat16 && param_dtype != at::kHalf) {
+    why << "parameter 0 is " << param_dtype << "; the fused kernel supports float32, bfloat16 and float16";
+    return why.str();
+  }
   for (size_t l = 0; l < lists.size(); ++l) {
-    TORCH_CHECK(lists[l]->size() == params.size(), who, ": tensor list ", l, " has ", lists[l]->size(),
-                " entries, expected ", params.size());
+    if (lists[l].size() != params.size()) {
+      why << "tensor list " << l << " has " << lists[l].size() << " entries, expected " << params.size();
+      return why.str();
+    }
     for (size_t i = 0; i < params.size(); ++i) {
-      const auto& t = (*lists[l])[i];
+      const auto& t = lists[l][i];
       const auto expected = l < 2 ? param_dtype : at::kFloat;  // params and grads share a dtype; moments are fp32
-      TORCH_CHECK(t.device().is_cpu(), who, ": tensor ", i, " of list ", l, " is on ", t.device(), ", expected cpu");
-      TORCH_CHECK(t.scalar_type() == expected, who, ": tensor ", i, " of list ", l, " is ", t.scalar_type(),
-                  ", expected ", expected);
-      TORCH_CHECK(t.is_contiguous(), who, ": tensor ", i, " of list ", l, " is not contiguous");
-      TORCH_CHECK(t.numel() == params[i].numel(), who, ": tensor ", i, " of list ", l, " has ", t.numel(),
-                  " elements, its parameter has ", params[i].numel());
+      if (!t.device().is_cpu()) {
+        why << "tensor " << i << " of list " << l << " is on " << t.device() << ", expected cpu";
+      } else if (t.scalar_type() != expected) {
+        why << "tensor " << i << " of list " << l << " is " << t.scalar_type() << ", expected " << expected;
+      } else if (!t.is_contiguous()) {
+        why << "tensor " << i << " of list " << l << " (shape " << t.sizes() << ") is not contiguous";
+      } else if (t.numel() != params[i].numel()) {
+        why << "tensor " << i << " of list " << l << " has " << t.numel() << " elements, its parameter has "
+            << params[i].numel();
+      }
+      if (why.tellp() > 0) return why.str();
     }
   }
+  return "";
+}
+
+void check_lists(const char* who, const std::vector<std::vector<at::Tensor>*>& lists) {
+  std::vector<std::vector<at::Tensor>> copies;
+  for (const auto* l : lists) copies.push_back(*l);
+  const std::string problem = find_problem(copies);
+  TORCH_CHECK(problem.empty(), who, ": ", problem);
 }
 
 void adamw_pma_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
@@ -252,6 +274,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused single-pass CPU kernels for AdamW-PMA and Lion-PMA (see pma_dist/kernels/pma_cpu.cpp)";
   m.def("adamw_pma_step", &adamw_pma_step, py::call_guard<py::gil_scoped_release>());
   m.def("lion_pma_step", &lion_pma_step, py::call_guard<py::gil_scoped_release>());
+  m.def("unsupported_reason", &find_problem,
+        "Why the fused kernels cannot update these lists [params, grads, *moments]; '' if they can");
   m.def("stream_like_adamw", &stream_like_adamw, py::call_guard<py::gil_scoped_release>());
   m.attr("vector_width") = kWidth;
 }
