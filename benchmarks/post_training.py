@@ -45,7 +45,7 @@ METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
 SHARED = REPO.parent / "shared" / "data"
 TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
     "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
-                   {"adamw": [1e-3, 3e-3, 1e-2], "lion": [1e-4, 3e-4, 1e-3, 3e-3]}),
+                   {"adamw": [1e-3, 3e-3, 1e-2], "lion": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}),
     "dpo_hh": ("dpo", SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl", 2,
                {"adamw": [1e-4, 1e-3], "lion": [1e-5, 1e-4]}),
     "sft_gsm8k": ("sft", SHARED / "sft" / "gsm8k_train.jsonl", 4, None),  # None: alpaca's best lrs
