@@ -3,23 +3,21 @@
 Each optimizer has a per-tensor function that reads like the equations in ``docs/math.md`` and a
 multi-tensor (``torch._foreach_*``) function that performs the same floating-point operations in
 the same order on lists of tensors, so the two agree bit for bit on CPU. Both take the step's
-:class:`~pma_dist.schedule.PMAPhase` and plain hyper-parameters; they own no state and no counters.
+:class:`~pma_dist.schedule.PMAPhase` and plain hyper-parameters and read the step's scalars from
+:mod:`pma_dist.coefficients` (as the fused kernel does); they own no state and no counters.
 
 Low-precision parameters (bf16/fp16) are updated in fp32 against fp32 moments and rounded back
 once per step; the moments (``exp_avg``, ``exp_avg_sq``) are always kept in fp32 for them.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
-from .schedule import PMAPhase, bias_corrections
-
-ADAMW_SMALL_LR_POWER = 0.5  # AdamW-PMA small steps use lr / sqrt(K)
-LION_SMALL_LR_POWER = 1.0  # Lion-PMA small steps use lr / K
+from .coefficients import AdamWStepCoefficients, LionStepCoefficients
+from .schedule import PMAPhase
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -52,29 +50,29 @@ def adamw_pma_tensor(
     variant: str,
 ) -> None:
     """One AdamW-PMA step of one tensor, in place."""
+    c = AdamWStepCoefficients.for_step(phase, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                       weight_decay=weight_decay, variant=variant)
     theta = _compute_view(param)
     g = _compute_view(grad)
-    bc1, bc2 = bias_corrections(phase, beta1, beta2, variant)
-    step_lr = lr * phase.lr_factor(ADAMW_SMALL_LR_POWER)
 
-    exp_avg.mul_(phase.decay(beta1)).add_(g, alpha=(1 - beta1) * phase.grad_weight)
-    exp_avg_sq.mul_(phase.decay(beta2)).addcmul_(g, g, value=(1 - beta2) * phase.grad_weight)
-    theta.mul_(1 - step_lr * weight_decay)
-    theta.addcdiv_(exp_avg, adamw_pma_denominator(exp_avg_sq, phase, bc2, eps, variant), value=-step_lr / bc1)
-    if variant == "paper" and phase.is_large:
-        exp_avg.mul_(phase.state_rescale())
-        exp_avg_sq.mul_(phase.state_rescale())
+    exp_avg.mul_(c.decay1).add_(g, alpha=c.grad_coef1)
+    exp_avg_sq.mul_(c.decay2).addcmul_(g, g, value=c.grad_coef2)
+    theta.mul_(c.param_scale)
+    theta.addcdiv_(exp_avg, adamw_pma_denominator(exp_avg_sq, c), value=c.step_coef)
+    if c.rescale != 1.0:
+        exp_avg.mul_(c.rescale)
+        exp_avg_sq.mul_(c.rescale)
 
     if theta is not param:
         param.copy_(theta)
 
 
-def adamw_pma_denominator(exp_avg_sq: Tensor, phase: PMAPhase, bc2: float, eps: float, variant: str) -> Tensor:
-    """The AdamW-PMA denominator D (a new tensor): the reference's small steps divide by bc2 after
-    adding eps; every other step is sqrt(v / bc2) + eps."""
-    if variant == "reference" and not phase.is_large:
-        return exp_avg_sq.sqrt().add_(eps).div_(bc2)
-    return exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
+def adamw_pma_denominator(exp_avg_sq: Tensor, c: AdamWStepCoefficients) -> Tensor:
+    """The AdamW-PMA denominator (a new tensor): ``(sqrt(v) + eps) / divisor`` on the reference
+    variant's small steps, ``sqrt(v) / divisor + eps`` otherwise (see ``docs/math.md``)."""
+    if c.eps_before_divide:
+        return exp_avg_sq.sqrt().add_(c.eps).div_(c.divisor)
+    return exp_avg_sq.sqrt().div_(c.divisor).add_(c.eps)
 
 
 def adamw_pma_foreach(
@@ -94,26 +92,26 @@ def adamw_pma_foreach(
     """AdamW-PMA on lists of tensors of one device and dtype; same operations as the per-tensor path."""
     if not params:
         return
+    c = AdamWStepCoefficients.for_step(phase, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                       weight_decay=weight_decay, variant=variant)
     thetas, grads = _compute_views(params), _compute_views(grads)
-    bc1, bc2 = bias_corrections(phase, beta1, beta2, variant)
-    step_lr = lr * phase.lr_factor(ADAMW_SMALL_LR_POWER)
 
-    torch._foreach_mul_(exp_avgs, phase.decay(beta1))
-    torch._foreach_add_(exp_avgs, grads, alpha=(1 - beta1) * phase.grad_weight)
-    torch._foreach_mul_(exp_avg_sqs, phase.decay(beta2))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=(1 - beta2) * phase.grad_weight)
-    torch._foreach_mul_(thetas, 1 - step_lr * weight_decay)
+    torch._foreach_mul_(exp_avgs, c.decay1)
+    torch._foreach_add_(exp_avgs, grads, alpha=c.grad_coef1)
+    torch._foreach_mul_(exp_avg_sqs, c.decay2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=c.grad_coef2)
+    torch._foreach_mul_(thetas, c.param_scale)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    if variant == "reference" and not phase.is_large:
-        torch._foreach_add_(denom, eps)
-        torch._foreach_div_(denom, bc2)
+    if c.eps_before_divide:
+        torch._foreach_add_(denom, c.eps)
+        torch._foreach_div_(denom, c.divisor)
     else:
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(thetas, exp_avgs, denom, value=-step_lr / bc1)
-    if variant == "paper" and phase.is_large:
-        torch._foreach_mul_(exp_avgs, phase.state_rescale())
-        torch._foreach_mul_(exp_avg_sqs, phase.state_rescale())
+        torch._foreach_div_(denom, c.divisor)
+        torch._foreach_add_(denom, c.eps)
+    torch._foreach_addcdiv_(thetas, exp_avgs, denom, value=c.step_coef)
+    if c.rescale != 1.0:
+        torch._foreach_mul_(exp_avgs, c.rescale)
+        torch._foreach_mul_(exp_avg_sqs, c.rescale)
 
     _write_back(params, thetas)
 
@@ -135,16 +133,16 @@ def lion_pma_tensor(
     weight_decay: float,
 ) -> None:
     """One Lion-PMA step of one tensor, in place. Weight decay uses the full lr on every step."""
+    c = LionStepCoefficients.for_step(phase, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     theta = _compute_view(param)
     g = _compute_view(grad)
-    w = phase.grad_weight
 
-    theta.mul_(1 - lr * weight_decay)
-    direction = exp_avg.mul(phase.decay(beta1)).add_(g, alpha=(1 - beta1) * w).sign_()
-    theta.add_(direction, alpha=-lr * phase.lr_factor(LION_SMALL_LR_POWER))
-    exp_avg.mul_(phase.decay(beta2)).add_(g, alpha=(1 - beta2) * w)
-    if phase.is_large:
-        exp_avg.mul_(phase.state_rescale())
+    theta.mul_(c.param_scale)
+    direction = exp_avg.mul(c.decay1).add_(g, alpha=c.grad_coef1).sign_()
+    theta.add_(direction, alpha=c.step_alpha)
+    exp_avg.mul_(c.decay2).add_(g, alpha=c.grad_coef2)
+    if c.rescale != 1.0:
+        exp_avg.mul_(c.rescale)
 
     if theta is not param:
         param.copy_(theta)
@@ -164,18 +162,18 @@ def lion_pma_foreach(
     """Lion-PMA on lists of tensors of one device and dtype; same operations as the per-tensor path."""
     if not params:
         return
+    c = LionStepCoefficients.for_step(phase, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     thetas, grads = _compute_views(params), _compute_views(grads)
-    w = phase.grad_weight
 
-    torch._foreach_mul_(thetas, 1 - lr * weight_decay)
-    direction = torch._foreach_mul(exp_avgs, phase.decay(beta1))
-    torch._foreach_add_(direction, grads, alpha=(1 - beta1) * w)
+    torch._foreach_mul_(thetas, c.param_scale)
+    direction = torch._foreach_mul(exp_avgs, c.decay1)
+    torch._foreach_add_(direction, grads, alpha=c.grad_coef1)
     torch._foreach_sign_(direction)
-    torch._foreach_add_(thetas, direction, alpha=-lr * phase.lr_factor(LION_SMALL_LR_POWER))
-    torch._foreach_mul_(exp_avgs, phase.decay(beta2))
-    torch._foreach_add_(exp_avgs, grads, alpha=(1 - beta2) * w)
-    if phase.is_large:
-        torch._foreach_mul_(exp_avgs, phase.state_rescale())
+    torch._foreach_add_(thetas, direction, alpha=c.step_alpha)
+    torch._foreach_mul_(exp_avgs, c.decay2)
+    torch._foreach_add_(exp_avgs, grads, alpha=c.grad_coef2)
+    if c.rescale != 1.0:
+        torch._foreach_mul_(exp_avgs, c.rescale)
 
     _write_back(params, thetas)
 

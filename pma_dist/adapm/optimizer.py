@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import functional as F
 from ..optim import (PMAOptimizer, _check_betas, _check_eps, _check_lr, _check_period, _check_variant,
                      _check_weight_decay)
+from ..coefficients import ADAMW_SMALL_LR_POWER, AdamWStepCoefficients
 from ..schedule import PMAPhase, bias_corrections
 from . import lowrank
 from .policy import ParamPlan, Segment, check_overrides, plan_param
@@ -265,9 +266,12 @@ class AdaPM(PMAOptimizer):
         refit = p in self._fresh or (phase.step - 1) % group["update_interval"] == 0
         self._fresh.discard(p)
         beta1, beta2 = (float(b) for b in group["betas"])
-        bc1, bc2 = bias_corrections(phase, beta1, beta2, group["variant"])
-        lr = float(group["lr"]) * phase.lr_factor(F.ADAMW_SMALL_LR_POWER)
-        eps, clip = float(group["eps"]), group["update_clip"]
+        bc1, _ = bias_corrections(phase, beta1, beta2, group["variant"])
+        lr = float(group["lr"]) * phase.lr_factor(ADAMW_SMALL_LR_POWER)
+        clip = group["update_clip"]
+        scalars = AdamWStepCoefficients.for_step(phase, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                                                 eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                                                 variant=group["variant"])
         rescale = group["variant"] == "paper" and phase.is_large and phase.period > 1
 
         theta = F._compute_view(p)
@@ -294,8 +298,7 @@ class AdaPM(PMAOptimizer):
             exp_avg_sq = state["exp_avg_sq" + suffix]
             exp_avg_sq.mul_(phase.decay(beta2)).add_(
                 _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=(1 - beta2) * phase.grad_weight)
-            denom = F.adamw_pma_denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), phase, bc2, eps,
-                                          group["variant"])
+            denom = F.adamw_pma_denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), scalars)
             update = direction / denom
             if clip is not None:
                 update.clamp_(-float(clip), float(clip))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..schedule import PMAPhase
 from .build import load_cpu_kernels
-from .coefficients import AdamWStepCoefficients, LionStepCoefficients
+from ..coefficients import AdamWStepCoefficients, LionStepCoefficients
 
 FUSED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

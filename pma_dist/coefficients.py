@@ -1,17 +1,19 @@
-"""The scalars one PMA step applies to every element, computed from :class:`~pma_dist.schedule.PMAPhase`.
+"""The scalars one PMA step applies to every element, computed once from :class:`~pma_dist.schedule.PMAPhase`.
 
-A fused kernel takes numbers, not a phase; this module turns the phase and the hyper-parameters into
-those numbers with exactly the Python expressions :mod:`pma_dist.functional` passes to its torch ops
-(same operands, same order, in double precision), so that the kernel, which rounds each one to float
-where torch would, reproduces the foreach path bit for bit. ``tests/test_fast_paths.py`` checks it.
+Every execution path reads them from here: the per-tensor and foreach paths of :mod:`pma_dist.functional`
+pass them to torch ops, the fused kernel (:mod:`pma_dist.kernels`) takes them as plain numbers and,
+rounding each to float where torch would, reproduces the foreach path bit for bit
+(``tests/test_fast_paths.py``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from ..functional import ADAMW_SMALL_LR_POWER, LION_SMALL_LR_POWER
-from ..schedule import PMAPhase, bias_corrections
+from .schedule import PMAPhase, bias_corrections
+
+ADAMW_SMALL_LR_POWER = 0.5  # AdamW-PMA small steps use lr / sqrt(K)
+LION_SMALL_LR_POWER = 1.0  # Lion-PMA small steps use lr / K
 
 
 @dataclass(frozen=True)
