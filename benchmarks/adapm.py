@@ -24,7 +24,7 @@ gradient-norm clipping at 1.0 (the paper's set-up). Every optimizer sees the sam
 
 Each run is written to ``OUT/<task>/<run>.json`` as soon as it finishes and skipped when present,
 so an interrupted benchmark resumes where it stopped. ``OUT/summary.json`` and ``OUT/summary.md``
-(the table for ``docs/bench/adapm.md``) are rewritten at the end.
+(the table for ``docs/BENCHMARKS.md``) are rewritten at the end.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--fallback", action="store_true", help="use the built-in synthetic fallback")
     p.add_argument("--period", type=int, default=8, help="K: PMA period = GA accumulation steps")
     p.add_argument("--lr", type=float, default=3e-3)
-    # the variant that beat GA in docs/bench/post_training.md (the reference variant did not)
+    # the variant that beat GA in docs/BENCHMARKS.md (the reference variant did not)
     p.add_argument("--variant", choices=("paper", "reference"), default="paper", help="AdamW-PMA variant")
     p.add_argument("--micro-steps", type=int, default=96)
     p.add_argument("--micro-batch-size", type=int, default=4)
