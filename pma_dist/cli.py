@@ -72,25 +72,15 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _adopt_mpi_env() -> None:
-    """Under mpirun, give torch.distributed the env:// variables it needs from Open MPI's."""
-    if _launched() or "OMPI_COMM_WORLD_RANK" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["OMPI_COMM_WORLD_RANK"]
-    os.environ["WORLD_SIZE"] = os.environ["OMPI_COMM_WORLD_SIZE"]
-    os.environ["LOCAL_RANK"] = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        raise CliError("under mpirun, set MASTER_PORT (e.g. mpirun -x MASTER_PORT=29512 ...)")
-
-
 def _bandwidth(args, argv: List[str]) -> int:
     from .comm import bandwidth as bw
 
     ops = bw.validate_options(args.ops, args.dtype, args.iters, args.warmup)
     sizes = bw.message_sizes(bw.parse_size(args.min_bytes), bw.parse_size(args.max_bytes))
     bw.check_base_topology(args.base_topology)
-    _adopt_mpi_env()
+    from .distributed import run_rank, setup_env_from_mpi
+
+    setup_env_from_mpi()  # under mpirun: RANK/WORLD_SIZE/MASTER_* from MPI; no-op otherwise
     if not _launched():
         if args.nproc < 2:
             raise CliError(f"--nproc must be >= 2 to measure collectives, got {args.nproc}")
@@ -104,18 +94,9 @@ def _bandwidth(args, argv: List[str]) -> int:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         return subprocess.call(command, env=env)
-    from .distributed import shutdown
-
-    try:
-        bw.run_worker(args.output, ops, sizes, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
-                      base_topology=args.base_topology)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        shutdown(1)
-    shutdown(0)
-    return 0  # not reached: shutdown ends the process without gloo's exit-time abort
+    run_rank(lambda: bw.run_worker(args.output, ops, sizes, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
+                                   base_topology=args.base_topology))
+    return 0  # not reached: run_rank ends the process without gloo's exit-time abort
 
 
 def _without_option(argv: List[str], name: str) -> List[str]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
@@ -96,8 +97,8 @@ def setup_env_from_mpi(master_port: Optional[int] = None) -> Optional[RankInfo]:
 
     With mpi4py the rank, world size and local rank come from ``MPI.COMM_WORLD`` and rank 0's
     address is broadcast; without it the launcher's environment variables are used and
-    ``MASTER_ADDR`` must be set (``mpirun -x MASTER_ADDR=...``). Variables already set win, so an
-    explicit ``-x MASTER_PORT=...`` is kept.
+    ``MASTER_ADDR`` must be set (``mpirun -x MASTER_ADDR=...``). Rank and sizes always come from
+    MPI; an explicit ``-x MASTER_ADDR=...`` / ``-x MASTER_PORT=...`` is kept.
     """
     if not in_mpi_env():
         return None
@@ -124,10 +125,12 @@ def setup_env_from_mpi(master_port: Optional[int] = None) -> Optional[RankInfo]:
                     "launched by mpirun across several hosts without mpi4py: set MASTER_ADDR to rank 0's "
                     "address (mpirun -x MASTER_ADDR=<host>) or install mpi4py")
             master_addr = "127.0.0.1"
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
+    # MPI's own placement wins over anything inherited (a RANK left in the shell would give two ranks
+    # the same number and hang the rendezvous); an explicit MASTER_ADDR/PORT is kept.
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    os.environ["LOCAL_WORLD_SIZE"] = str(info.local_world_size)
     os.environ.setdefault("MASTER_ADDR", master_addr)
     os.environ.setdefault("MASTER_PORT", str(master_port or DEFAULT_MASTER_PORT))
     return info
@@ -230,3 +233,20 @@ def shutdown(code: int = 0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def run_rank(main: Callable[[], object]) -> None:
+    """Run one rank's ``main`` and end the process through :func:`shutdown` (never returns): exit 0
+    when it returns, 2 for a ``SystemExit`` with a message (argparse-style), 1 with the traceback on
+    any other error, so one failing rank never hangs at gloo's exit-time abort."""
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code in (None, 0):
+            shutdown(0)
+        print(stop, file=sys.stderr)
+        shutdown(stop.code if isinstance(stop.code, int) else 2)
+    except BaseException:
+        traceback.print_exc()
+        shutdown(1)
+    shutdown(0)

@@ -28,8 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def rank_env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ)
+    """The launcher's environment: this process's, minus rendezvous variables the launcher sets itself."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     env.update(
         OMP_NUM_THREADS="1",
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),

@@ -18,10 +18,22 @@ MPI_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOC
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    saved = dict(os.environ)  # the code under test exports variables: none may leak into later tests
     for name in TORCH_VARS + MPI_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # take the environment-variable path
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_inherited_rank_variables_do_not_override_mpi(clean_env):
+    for name, value in zip(MPI_VARS[:4], ("0", "2", "0", "2")):
+        clean_env.setenv(name, value)
+    clean_env.setenv("RANK", "1")  # stale, e.g. left in the shell: two ranks would both be 1
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert distributed.setup_env_from_mpi() == distributed.RankInfo(0, 2, 0, 2)
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("0", "0")
 
 
 @pytest.mark.parametrize("argv, expected, rest", [

@@ -10,7 +10,6 @@ Rank 0 writes OUT.json. Checks:
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import traceback

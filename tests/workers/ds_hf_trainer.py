@@ -13,15 +13,13 @@ import argparse
 import json
 import logging
 import math
-import sys
-import traceback
 import warnings
 from pathlib import Path
 
 import torch
 
 import pma_dist  # noqa: F401  (registers AdamWPMA / LionPMA for DeepSpeed configs)
-from pma_dist.distributed import configure_accelerate_for_deepspeed, pop_local_rank_arg, shutdown
+from pma_dist.distributed import configure_accelerate_for_deepspeed, pop_local_rank_arg, run_rank, shutdown
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "ds_configs" / "hf_zero2_adamw_pma_auto.json"
@@ -112,9 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        shutdown(1)
+    run_rank(main)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import traceback
 import warnings
 from pathlib import Path
 
-from pma_dist.distributed import pop_local_rank_arg, setup_env_from_mpi, shutdown
+from pma_dist.distributed import pop_local_rank_arg, run_rank, setup_env_from_mpi, shutdown
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -54,9 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        shutdown(1)
+    run_rank(main)

@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import math
-import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.distributed as dist
 
 import pma_dist
 from pma_dist import AdamWPMA, LionPMA, PMAOptimizer
-from pma_dist.distributed import pop_local_rank_arg, shutdown
+from pma_dist.distributed import pop_local_rank_arg, run_rank, shutdown
 
 import deepspeed  # noqa: E402  (after pma_dist, as a user would)
 from deepspeed.utils import logger as ds_logger  # noqa: E402
@@ -474,11 +473,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as stop:
-        print(stop, file=sys.stderr)
-        shutdown(2)
-    except BaseException:
-        traceback.print_exc()
-        shutdown(1)
+    run_rank(main)

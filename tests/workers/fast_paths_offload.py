@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import pma_dist
 import pma_dist.kernels as kernels
-from pma_dist.distributed import pop_local_rank_arg, shutdown
+from pma_dist.distributed import pop_local_rank_arg, run_rank, shutdown
 
 import deepspeed  # noqa: E402  (after pma_dist, as a user would)
 from deepspeed.utils import logger as ds_logger  # noqa: E402
@@ -105,8 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        shutdown(1)
+    run_rank(main)
