@@ -113,17 +113,20 @@ class PMAOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # fills the defaults the checks read
         group = self.param_groups[-1]
         group.setdefault("step", 0)
-        self._validate_group(group)
-        self._validate_path(group)
-        for p in group["params"]:
-            if torch.is_complex(p):
-                raise TypeError(
-                    f"{type(self).__name__} does not support complex parameters "
-                    f"(got a {p.dtype} tensor of shape {tuple(p.shape)}); view it as real with torch.view_as_real"
-                )
+        try:
+            self._validate_group(group)
+            self._validate_path(group)
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise TypeError(
+                        f"{type(self).__name__} does not support complex parameters (got a {p.dtype} tensor "
+                        f"of shape {tuple(p.shape)}); view it as real with torch.view_as_real")
+        except (TypeError, ValueError, RuntimeError):
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     def _validate_path(self, group: dict) -> None:
         foreach, fused = group["foreach"], group.get("fused")

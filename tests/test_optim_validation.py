@@ -54,6 +54,7 @@ def test_bad_value_in_a_param_group_is_refused(cls):
     opt = cls([param()])
     with pytest.raises(ValueError, match=r"lr=-1"):
         opt.add_param_group(dict(params=[param()], lr=-1))
+    assert len(opt.param_groups) == 1  # the refused group was not kept
 
 
 @pytest.mark.parametrize("cls", [AdamWPMA, LionPMA])
