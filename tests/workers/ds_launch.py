@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -46,7 +47,10 @@ def main() -> None:
         "optimizer": type(engine.basic_optimizer).__name__,
         "group_steps": [g["step"] for g in engine.basic_optimizer.param_groups],
     }
-    print("LAUNCH-OK " + json.dumps(facts), flush=True)
+    # one write per line: with PYTHONUNBUFFERED, print() writes text and newline separately and the two
+    # ranks' lines can interleave on the shared pipe
+    sys.stdout.write("LAUNCH-OK " + json.dumps(facts) + "\n")
+    sys.stdout.flush()
     engine.destroy()
     shutdown(0)
 
