@@ -266,17 +266,18 @@ class AdaPM(PMAOptimizer):
         refit = p in self._fresh or (phase.step - 1) % group["update_interval"] == 0
         self._fresh.discard(p)
         beta1, beta2 = (float(b) for b in group["betas"])
-        bc1, _ = bias_corrections(phase, beta1, beta2, group["variant"])
-        lr = float(group["lr"]) * phase.lr_factor(ADAMW_SMALL_LR_POWER)
-        clip = group["update_clip"]
+        # the AdamW-PMA scalars of this step; AdaPM clips m_hat / D before the lr, so it also needs
+        # the lr and bc1 that AdamW-PMA folds into one step coefficient
         scalars = AdamWStepCoefficients.for_step(phase, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                                                  eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                                                  variant=group["variant"])
-        rescale = group["variant"] == "paper" and phase.is_large and phase.period > 1
+        bc1, _ = bias_corrections(phase, beta1, beta2, group["variant"])
+        lr = float(group["lr"]) * phase.lr_factor(ADAMW_SMALL_LR_POWER)
+        clip = group["update_clip"]
 
         theta = F._compute_view(p)
         grad = F._compute_view(g)
-        theta.mul_(1 - lr * float(group["weight_decay"]))
+        theta.mul_(scalars.param_scale)
         ndim = len(plan.shape)
         for i, seg in enumerate(plan.segments):
             suffix = _suffix(i, plan)
@@ -285,7 +286,7 @@ class AdaPM(PMAOptimizer):
                 direction = gs
             elif seg.kind == "full":
                 exp_avg = state["exp_avg" + suffix]
-                exp_avg.mul_(phase.decay(beta1)).add_(gs, alpha=(1 - beta1) * phase.grad_weight)
+                exp_avg.mul_(scalars.decay1).add_(gs, alpha=scalars.grad_coef1)
                 direction = exp_avg / bc1
             else:
                 L, R = state["exp_avg_L" + suffix], state["exp_avg_R" + suffix]
@@ -296,17 +297,17 @@ class AdaPM(PMAOptimizer):
                     corrected = L @ R
                 direction = corrected.div_(bc1)
             exp_avg_sq = state["exp_avg_sq" + suffix]
-            exp_avg_sq.mul_(phase.decay(beta2)).add_(
-                _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=(1 - beta2) * phase.grad_weight)
+            exp_avg_sq.mul_(scalars.decay2).add_(
+                _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=scalars.grad_coef2)
             denom = F.adamw_pma_denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), scalars)
             update = direction / denom
             if clip is not None:
                 update.clamp_(-float(clip), float(clip))
             seg.view(theta, ndim).add_(update, alpha=-lr)
-            if rescale:
+            if scalars.rescale != 1.0:  # the paper variant's large step
                 for key in ("exp_avg", "exp_avg_L", "exp_avg_sq"):
                     if key + suffix in state:
-                        state[key + suffix].mul_(phase.state_rescale())
+                        state[key + suffix].mul_(scalars.rescale)
         if theta is not p:
             p.copy_(theta)
 
