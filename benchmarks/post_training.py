@@ -3,9 +3,12 @@
 
     python benchmarks/post_training.py                 # run what is missing, then write the report
     python benchmarks/post_training.py --report-only   # only aggregate finished runs
+    python benchmarks/post_training.py --model runs/base_3m --out runs/bench_base_3m \
+        --grid sft_alpaca adamw 3e-4 1e-3 3e-3 ...      # another base model, its own lr grids
 
-Tasks: SFT of stories260K on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from
-``../shared/data``). Methods: AdamW-PMA (reference and paper variants) and Lion-PMA stepping every
+Tasks: SFT on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from ``../shared/data``), of
+stories260K by default or of any local HF model given by ``--model`` (e.g. the ~3M-parameter base
+that ``launch/pretrain_base.py`` pretrains on ``../shared/data/text``). Methods: AdamW-PMA (reference and paper variants) and Lion-PMA stepping every
 micro-batch, AdamW-K and Lion-K accumulating K micro-batches; K in --periods; same micro-batch, data
 order and seed for all. 2 ranks, DeepSpeed ZeRO-0, CPU.
 
@@ -55,6 +58,11 @@ TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per fami
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"))
+    p.add_argument("--model", default=str(SHARED / "models" / "stories260K"),
+                   help="HF model dir every run starts from (keep one --out per model)")
+    p.add_argument("--grid", nargs="+", action="append", default=[], metavar="TASK FAMILY LR",
+                   help="replace a task's lr grid for a family (adamw|lion), e.g. --grid dpo_hh adamw 3e-5 1e-4 3e-4; "
+                        "repeatable")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--periods", nargs="+", type=int, default=[8, 4])
@@ -70,7 +78,31 @@ def parse_args(argv=None):
     p.add_argument("--step-cost-rounds", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.grids = parse_grids(p, args.grid)
+    return args
+
+
+def parse_grids(parser, specs) -> dict:
+    """task -> family -> lrs: the built-in grids with ``--grid`` overrides applied."""
+    grids = {task: (dict(spec[3]) if spec[3] is not None else None) for task, spec in TASKS.items()}
+    for spec in specs:
+        if len(spec) < 3:
+            parser.error(f"--grid {' '.join(spec)}: expected TASK FAMILY LR [LR ...]")
+        task, family, *lrs = spec
+        if grids.get(task) is None:
+            parser.error(f"--grid task {task!r} has no grid of its own (one of "
+                         f"{[t for t, g in grids.items() if g is not None]})")
+        if family not in ("adamw", "lion"):
+            parser.error(f"--grid family {family!r}: expected adamw or lion")
+        try:
+            values = [float(v) for v in lrs]
+        except ValueError:
+            parser.error(f"--grid {task} {family}: learning rates must be numbers, got {lrs}")
+        if any(not v > 0 for v in values):
+            parser.error(f"--grid {task} {family}: learning rates must be > 0, got {lrs}")
+        grids[task][family] = values
+    return grids
 
 
 # ------------------------------------------------------------------------------ runs
@@ -86,7 +118,7 @@ def summary(out: Path, rid: str):
 def train_argv(args, out: Path, task, method, period, lr, seed):
     kind, data_file, micro_batch, _ = TASKS[task]
     optimizer, extra, _, _ = METHODS[method]
-    return ["--task", kind, "--train-data", str(data_file), "--optimizer", optimizer, *extra,
+    return ["--task", kind, "--model", args.model, "--train-data", str(data_file), "--optimizer", optimizer, *extra,
             "--period", str(period), "--lr", repr(lr), "--seed", str(seed),
             "--micro-batch-size", str(micro_batch), "--micro-steps", str(args.micro_steps),
             "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
@@ -94,10 +126,9 @@ def train_argv(args, out: Path, task, method, period, lr, seed):
             "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--no-progress"]
 
 
-def lr_grid(task, method, out):
-    grid = TASKS[task][3]
-    family = METHODS[method][2]
-    return grid[family] if grid is not None else None
+def lr_grid(args, task, method):
+    grid = args.grids[task]
+    return grid[METHODS[method][2]] if grid is not None else None
 
 
 def best_lr(out: Path, task, method, period, seed, grid):
@@ -107,16 +138,16 @@ def best_lr(out: Path, task, method, period, seed, grid):
 
 
 def plan_stage_a(args, out, task):
-    if TASKS[task][3] is None:
+    if args.grids[task] is None:
         return []
     return [(task, m, k, lr, args.seeds[0]) for k in args.periods for m in args.methods
-            for lr in lr_grid(task, m, out)]
+            for lr in lr_grid(args, task, m)]
 
 
 def plan_stage_b(args, out, task):
     """Other seeds at the best lr; gsm8k takes alpaca's best lrs for every seed."""
-    source = task if TASKS[task][3] is not None else "sft_alpaca"
-    grid_of = lambda m: TASKS[source][3][METHODS[m][2]]  # noqa: E731
+    source = task if args.grids[task] is not None else "sft_alpaca"
+    grid_of = lambda m: lr_grid(args, source, m)  # noqa: E731
     seeds = args.seeds[1:] if source == task else args.seeds
     runs = []
     for k in args.periods:
@@ -136,7 +167,7 @@ def step_cost_runs(args):
 
 
 def step_cost_argv(args, out: Path, method, period, round_):
-    argv = train_argv(args, out, "sft_alpaca", method, period, TASKS["sft_alpaca"][3][METHODS[method][2]][0], 0)
+    argv = train_argv(args, out, "sft_alpaca", method, period, lr_grid(args, "sft_alpaca", method)[0], 0)
     argv[argv.index("--micro-steps") + 1] = str(4 * period)
     argv[argv.index("--eval-size") + 1] = "8"
     argv[argv.index("--eval-every") + 1] = "0"
@@ -194,11 +225,11 @@ def report(args) -> dict:
         runs[path.parent.name] = json.loads(path.read_text())
     comparisons = []
     for task in args.tasks:
-        source = task if TASKS[task][3] is not None else "sft_alpaca"
+        source = task if args.grids[task] is not None else "sft_alpaca"
         for k in args.periods:
             best = {}
             for m in args.methods:
-                grid = TASKS[source][3][METHODS[m][2]]
+                grid = lr_grid(args, source, m)
                 best[m] = best_lr(out, source, m, k, args.seeds[0], grid)
             for m, (_, _, family, is_pma) in METHODS.items():
                 if not is_pma or m not in args.methods:
@@ -236,7 +267,7 @@ def report(args) -> dict:
             for e in c["seeds"]:
                 if "sample_ratio" in e:
                     e["cost_adjusted_ratio"] = e["sample_ratio"] * ga_cost / pma_cost
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "local_rank")},
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "local_rank", "grid")},
               "step_cost": {f"{m}__K{k}": v for (m, k), v in costs.items()},
               "comparisons": comparisons, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -1,0 +1,72 @@
+"""benchmarks/post_training.py without training: lr-grid flags, the job it builds, and the report's ratios."""
+import importlib.util
+import json
+
+import pytest
+
+from tests.launching import REPO
+
+spec = importlib.util.spec_from_file_location("bench_post_training", REPO / "benchmarks" / "post_training.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_grid_flags_replace_one_family_of_one_task():
+    args = bench.parse_args(["--grid", "dpo_hh", "adamw", "3e-5", "1e-4", "--grid", "sft_alpaca", "lion", "1e-4"])
+    assert args.grids["dpo_hh"]["adamw"] == [3e-5, 1e-4]
+    assert args.grids["dpo_hh"]["lion"] == bench.TASKS["dpo_hh"][3]["lion"]
+    assert args.grids["sft_alpaca"]["lion"] == [1e-4]
+    assert args.grids["sft_gsm8k"] is None  # reuses alpaca's best lrs
+    assert bench.TASKS["dpo_hh"][3]["adamw"] == [1e-4, 1e-3]  # the built-in table is not modified
+    assert bench.lr_grid(args, "dpo_hh", "adamw_pma_paper") == [3e-5, 1e-4]
+    assert bench.lr_grid(args, "dpo_hh", "lion_ga") == bench.TASKS["dpo_hh"][3]["lion"]
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["sft_gsm8k", "adamw", "1e-3"], "--grid task 'sft_gsm8k' has no grid of its own"),
+    (["sft_alpaca", "sgd", "1e-3"], "--grid family 'sgd': expected adamw or lion"),
+    (["sft_alpaca", "adamw", "fast"], "learning rates must be numbers, got ['fast']"),
+    (["sft_alpaca", "adamw", "0"], "learning rates must be > 0, got ['0']"),
+    (["sft_alpaca", "adamw"], "expected TASK FAMILY LR [LR ...]"),
+])
+def test_bad_grid_flags_are_named(capsys, grid, message):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--grid", *grid])
+    assert message in capsys.readouterr().err
+
+
+def test_every_job_starts_from_the_chosen_model(tmp_path):
+    args = bench.parse_args(["--model", "runs/base_3m"])
+    argv = bench.train_argv(args, tmp_path, "sft_alpaca", "adamw_pma_paper", 8, 1e-3, 1)
+    assert argv[argv.index("--model") + 1] == "runs/base_3m"
+    assert argv[argv.index("--variant") + 1] == "paper" and argv[argv.index("--period") + 1] == "8"
+    assert argv[argv.index("--output-dir") + 1] == str(tmp_path / "sft_alpaca__adamw_pma_paper__K8__lr0.001__s1")
+
+
+def _fake_run(out, rid, evals, samples_per_eval, seconds_per_eval):
+    (out / rid).mkdir(parents=True)
+    rows = [{"kind": "eval", "eval_loss": loss, "samples": i * samples_per_eval, "wall_clock": i * seconds_per_eval}
+            for i, loss in enumerate(evals)]
+    (out / rid / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = rows[-1]
+    (out / rid / "summary.json").write_text(json.dumps({"eval_loss": last["eval_loss"], "samples": last["samples"],
+                                                        "wall_clock": last["wall_clock"], "optimizer_steps": 1}))
+
+
+def test_report_picks_best_lr_and_measures_time_to_the_ga_loss(tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--methods", "adamw_pma_paper",
+                             "adamw_ga", "--periods", "8", "--seeds", "0", "--grid", "sft_alpaca", "adamw", "1e-3",
+                             "3e-3"])
+    rid = lambda m, lr: bench.run_id("sft_alpaca", m, 8, lr, 0)  # noqa: E731
+    _fake_run(tmp_path, rid("adamw_ga", 1e-3), [4.0, 3.5, 3.0], 100, 10.0)        # GA best: 3.0 at 200 samples
+    _fake_run(tmp_path, rid("adamw_ga", 3e-3), [4.0, 3.8, 3.4], 100, 10.0)
+    _fake_run(tmp_path, rid("adamw_pma_paper", 1e-3), [4.0, 3.3, 2.9], 100, 20.0)
+    _fake_run(tmp_path, rid("adamw_pma_paper", 3e-3), [4.0, 3.5, 2.5], 100, 20.0)  # PMA best: 2.5
+    result = bench.report(args)
+    (comparison,) = result["comparisons"]
+    assert (comparison["pma_lr"], comparison["ga_lr"]) == (3e-3, 1e-3)
+    (seed,) = comparison["seeds"]
+    # PMA crosses 3.0 halfway between its evaluations at 100 and 200 samples: 150 samples, 30 s
+    assert seed["target"] == 3.0 and seed["pma_samples"] == pytest.approx(150.0)
+    assert seed["sample_ratio"] == pytest.approx(200 / 150) and seed["time_ratio"] == pytest.approx(20.0 / 30.0)
+    assert (tmp_path / "sft_alpaca_K8_loss.png").exists() and "| sft_alpaca | 8 |" in (tmp_path / "report.md").read_text()
