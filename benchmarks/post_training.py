@@ -48,9 +48,9 @@ METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
 SHARED = REPO.parent / "shared" / "data"
 TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
     "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
-                   {"adamw": [1e-3, 3e-3, 1e-2], "lion": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}),
+                   {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "lion": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}),
     "dpo_hh": ("dpo", SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl", 2,
-               {"adamw": [1e-4, 1e-3], "lion": [1e-5, 1e-4]}),
+               {"adamw": [3e-5, 1e-4, 3e-4, 1e-3], "lion": [3e-6, 1e-5, 3e-5, 1e-4]}),
     "sft_gsm8k": ("sft", SHARED / "sft" / "gsm8k_train.jsonl", 4, None),  # None: alpaca's best lrs
 }
 
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--variance-every", type=int, default=None,
+                   help="micro-steps per measured update (default K); --periods 1 runs of the GA methods with "
+                        "--variance-every K are the paper's every-micro-batch EMA baseline in the K plots")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--step-cost", action="store_true",
                    help="only measure seconds per micro-step of each method, interleaved (see docs)")
@@ -123,6 +126,7 @@ def train_argv(args, out: Path, task, method, period, lr, seed):
             "--micro-batch-size", str(micro_batch), "--micro-steps", str(args.micro_steps),
             "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
             "--max-length", str(args.max_length), "--log-update-variance", "--variance-window", "4",
+            *(["--variance-every", str(args.variance_every)] if args.variance_every else []),
             "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--no-progress"]
 
 
@@ -338,8 +342,23 @@ def plots(args, out: Path, result) -> None:
             if chosen:
                 plot_loss_vs_time(chosen, out / f"{task}_K{k}_loss.png",
                                   title=f"{task}, K={k}, best lr per method, seed {args.seeds[0]} (2 CPU ranks)")
-                plot_update_variance(chosen, out / f"{task}_K{k}_update_variance.png",
+                plot_update_variance(dict(chosen, **every_micro_batch_baselines(args, out, task, k)),
+                                     out / f"{task}_K{k}_update_variance.png",
                                      title=f"{task}, K={k}: last-layer update variance per K micro-batches")
+
+
+def every_micro_batch_baselines(args, out: Path, task, k) -> dict:
+    """Best-lr K = 1 runs of the GA methods (plain AdamW / Lion on every micro-batch, the paper's EMA
+    baseline) that were measured per K micro-steps (``--variance-every K``), for the K plot."""
+    source = task if args.grids[task] is not None else "sft_alpaca"
+    found = {}
+    for m in ("adamw_ga", "lion_ga"):
+        lr = best_lr(out, task, m, 1, args.seeds[0], lr_grid(args, source, m))
+        path = out / run_id(task, m, 1, lr, args.seeds[0]) / "metrics.jsonl" if lr is not None else None
+        rows = read_metrics(path, "update_variance") if path is not None and path.exists() else []
+        if rows and rows[0]["micro_step"] % k == 0 and rows[0]["window_periods"] * k == rows[0]["micro_step"]:
+            found[f"{m.split('_')[0]} K=1 (EMA, every micro-batch) lr={lr:g}"] = path
+    return found
 
 
 def main(argv=None) -> None:

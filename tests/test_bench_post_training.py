@@ -17,7 +17,7 @@ def test_grid_flags_replace_one_family_of_one_task():
     assert args.grids["dpo_hh"]["lion"] == bench.TASKS["dpo_hh"][3]["lion"]
     assert args.grids["sft_alpaca"]["lion"] == [1e-4]
     assert args.grids["sft_gsm8k"] is None  # reuses alpaca's best lrs
-    assert bench.TASKS["dpo_hh"][3]["adamw"] == [1e-4, 1e-3]  # the built-in table is not modified
+    assert bench.TASKS["dpo_hh"][3]["adamw"] == [3e-5, 1e-4, 3e-4, 1e-3]  # the built-in table is not modified
     assert bench.lr_grid(args, "dpo_hh", "adamw_pma_paper") == [3e-5, 1e-4]
     assert bench.lr_grid(args, "dpo_hh", "lion_ga") == bench.TASKS["dpo_hh"][3]["lion"]
 

@@ -55,6 +55,7 @@ def test_ga_config_period_comes_from_gradient_accumulation(tmp_path):
     (["--period", "0"], "--period must be >= 1, got 0"),
     (["--micro-steps", "0"], "--micro-steps must be >= 1, got 0"),
     (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+    (["--variance-every", "0"], "--variance-every must be >= 1, got 0"),
     (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
     (["--lr", "0"], "learning rate must be > 0, got lr=0"),
     (["--beta", "0", "--task", "dpo"], "--beta (DPO) must be > 0, got 0"),

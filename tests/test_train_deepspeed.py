@@ -92,6 +92,10 @@ def test_update_variance_is_logged_per_window(suite):
     # K = 4, window of 2 periods: one value every 8 micro-steps
     assert [r["micro_step"] for r in rows] == [8, 16]
     assert all(r["update_variance"] > 0 and math.isfinite(r["update_variance"]) for r in rows)
+    # --variance-every 8 on the K = 4 GA run: a delta per 8 micro-steps, so one window of 2 at 16
+    rows = read_metrics(out / "ga" / "metrics.jsonl", "update_variance")
+    assert [(r["micro_step"], r["window_periods"]) for r in rows] == [(16, 2)]
+    assert rows[0]["update_variance"] > 0
 
 
 def test_bad_data_file_is_a_clear_error(suite):

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--log-update-variance", action="store_true", help="log last-layer update variance")
     p.add_argument("--variance-window", type=int, default=8, help="periods per update-variance window")
+    p.add_argument("--variance-every", type=int, default=None,
+                   help="micro-steps per measured update (default K); set it to compare with a run of another K")
     p.add_argument("--comm-profile", default=None, help="write the communication ledger to this directory")
     p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed",
                    help="deepspeed (ZeRO 0-3, --deepspeed CONFIG), fsdp (FSDP2 fully_shard) or ddp (DDP "
@@ -173,7 +175,7 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     for name in ("micro_steps", "eval_size", "max_length", "eval_batch_size", "variance_window"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    for name in ("period", "micro_batch_size", "log_every", "max_train_records"):
+    for name in ("period", "micro_batch_size", "log_every", "max_train_records", "variance_every"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_every", "save_every", "keep_checkpoints"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)

@@ -294,7 +294,8 @@ def run(cfg: TrainConfig) -> dict:
     else:
         metrics.reset()
 
-    variance = UpdateVariance(cfg.period, args.variance_window) if args.log_update_variance else None
+    variance = (UpdateVariance(args.variance_every or cfg.period, args.variance_window)
+                if args.log_update_variance else None)
     head = last_layer(engine.module)
     if variance is not None:
         variance.observe(_full_weight(head))

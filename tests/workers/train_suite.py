@@ -32,7 +32,8 @@ def job(name, argv):
 
 job("pma", sft + ["--optimizer", "adamw_pma", "--lr", "3e-3", "--micro-steps", "16", "--save-every", "8",
                   "--log-update-variance", "--variance-window", "2"])
-job("ga", sft + ["--optimizer", "adamw", "--lr", "3e-3", "--micro-steps", "16"])
+job("ga", sft + ["--optimizer", "adamw", "--lr", "3e-3", "--micro-steps", "16",
+                 "--log-update-variance", "--variance-every", "8", "--variance-window", "2"])
 resume = sft + ["--optimizer", "adamw_pma", "--lr", "3e-3", "--save-every", "8"]
 job("resumed", resume + ["--micro-steps", "8"])
 job("resumed", resume + ["--micro-steps", "16", "--resume"])
