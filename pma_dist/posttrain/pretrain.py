@@ -250,7 +250,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                    lr=engine.get_lr()[0], wall_clock=round(wall, 2))
     if progress is not None:
         progress.close()
-    summary = {"parameters": n_params, "steps": total, "epochs": args.epochs,
+    summary = {"parameters": n_params, "steps": total, "epochs": round(total / per_epoch, 3),
                "tokens_seen": total * global_batch * args.seq_len, "train_tokens": len(train_ids),
                "val_tokens": len(val_ids), "val_loss_start": first_val, "val_loss": val_loss,
                "train_loss_last": train_loss, "wall_clock": wall, "world_size": world,
