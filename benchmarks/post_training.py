@@ -8,9 +8,10 @@
 
 Tasks: SFT on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from ``../shared/data``), of
 stories260K by default or of any local HF model given by ``--model`` (e.g. the ~3M-parameter base
-that ``launch/pretrain_base.py`` pretrains on ``../shared/data/text``). Methods: AdamW-PMA (reference and paper variants) and Lion-PMA stepping every
-micro-batch, AdamW-K and Lion-K accumulating K micro-batches; K in --periods; same micro-batch, data
-order and seed for all. 2 ranks, DeepSpeed ZeRO-0, CPU.
+that ``launch/pretrain_base.py`` pretrains on ``../shared/data/text``). Methods: AdamW-PMA
+(reference and paper variants) and Lion-PMA stepping every micro-batch, AdamW-K and Lion-K
+accumulating K micro-batches; K in --periods; same micro-batch, data order and seed for all.
+2 ranks, DeepSpeed ZeRO-0, CPU.
 
 Protocol (best vs best): stage A sweeps the learning rate on the first seed; stage B runs the
 other seeds at each (method, K)'s best lr (lowest final eval loss). gsm8k reuses alpaca's best lrs.
