@@ -4,7 +4,6 @@ The launched run pretrains a tiny Llama on the first 40,000 characters of each s
 must lower the held-out loss; the model it writes must load with transformers and fine-tune with
 launch/train.py, which is how benchmarks/post_training.py --model uses it.
 """
-import argparse
 import json
 import math
 
@@ -25,8 +24,7 @@ class CharTokenizer:
 
 
 def _args(tmp_path, *extra):
-    args = pretrain.build_parser().parse_args(["--output-dir", str(tmp_path / "out"), *extra])
-    return args
+    return pretrain.build_parser().parse_args(["--output-dir", str(tmp_path / "out"), *extra])
 
 
 def _text(tmp_path, name, content):
