@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--log-update-variance", action="store_true", help="log last-layer update variance")
-    p.add_argument("--variance-window", type=int, default=8, help="periods per update-variance window")
+    p.add_argument("--variance-window", type=int, default=8,
+                   help="measured updates (each over K, or --variance-every, micro-steps) per variance window")
     p.add_argument("--variance-every", type=int, default=None,
                    help="micro-steps per measured update (default K); set it to compare with a run of another K")
     p.add_argument("--comm-profile", default=None, help="write the communication ledger to this directory")
