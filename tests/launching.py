@@ -89,6 +89,18 @@ def run_ranks(script, args: Iterable[str] = (), *, nproc: int = 2, launcher: str
     return proc
 
 
+def load_script(relative: str):
+    """A repository script (e.g. ``benchmarks/post_training.py``) imported as a module, to test its functions."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
 def require_shared_data(*relative: str) -> Path:
     """Path into ``../shared/data``; skip the test with the reason when it is missing."""
     path = SHARED_DATA.joinpath(*relative)

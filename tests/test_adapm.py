@@ -417,11 +417,9 @@ def test_deepspeed_engine_check_names_the_stage():
 
 
 def test_benchmark_rejects_unknown_task(capsys):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("adapm_bench", Path(__file__).parents[1] / "benchmarks" / "adapm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from tests.launching import load_script
+
+    bench = load_script("benchmarks/adapm.py")
     with pytest.raises(SystemExit):
         bench.main(["--out", "/tmp/unused", "--tasks", "pretrain,finetune"])
     assert "unknown task(s) ['finetune']" in capsys.readouterr().err

@@ -1,14 +1,11 @@
 """benchmarks/post_training.py without training: lr-grid flags, the job it builds, and the report's ratios."""
-import importlib.util
 import json
 
 import pytest
 
-from tests.launching import REPO
+from tests.launching import load_script
 
-spec = importlib.util.spec_from_file_location("bench_post_training", REPO / "benchmarks" / "post_training.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_script("benchmarks/post_training.py")
 
 
 def test_grid_flags_replace_one_family_of_one_task():

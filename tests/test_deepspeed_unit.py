@@ -2,7 +2,6 @@
 comm_profile plumbing, the lazy import hook, and the shipped configs (no engine, no process group)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,11 +13,9 @@ import torch
 import pma_dist
 from pma_dist import AdamWPMA, LionPMA
 from pma_dist import deepspeed_integration as dsi
-from tests.launching import REPO, rank_env
+from tests.launching import REPO, load_script, rank_env
 
-_spec = importlib.util.spec_from_file_location("ds_configs_generate", REPO / "ds_configs" / "generate.py")
-generate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate)
+generate = load_script("ds_configs/generate.py")
 
 
 def params():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import sys
 import warnings
 
 import pytest
@@ -22,6 +21,7 @@ from pma_dist import AdamWPMA, LionPMA
 import pma_dist.kernels as kernel_pkg
 from pma_dist.kernels import build as kernel_build
 from pma_dist.kernels import cpu as kernel_cpu
+from tests.launching import load_script
 
 # Odd sizes (partial vectors), a tensor spanning several parallel chunks (> 32768 elements) and a 1-element one.
 SHAPES = [(70001,), (37, 5), (16,), (3, 129), (1,)]
@@ -229,15 +229,7 @@ def test_kernel_checks_its_inputs():
 
 
 def load_benchmark(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_benchmark_model_shapes_hit_the_requested_sizes():
