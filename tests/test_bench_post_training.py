@@ -67,3 +67,18 @@ def test_report_picks_best_lr_and_measures_time_to_the_ga_loss(tmp_path):
     assert seed["target"] == 3.0 and seed["pma_samples"] == pytest.approx(150.0)
     assert seed["sample_ratio"] == pytest.approx(200 / 150) and seed["time_ratio"] == pytest.approx(20.0 / 30.0)
     assert (tmp_path / "sft_alpaca_K8_loss.png").exists() and "| sft_alpaca | 8 |" in (tmp_path / "report.md").read_text()
+
+
+def test_every_micro_batch_baseline_joins_only_the_plot_of_the_k_it_was_measured_at(tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--seeds", "0",
+                             "--grid", "sft_alpaca", "adamw", "1e-3", "3e-3"])
+    for lr, loss in ((1e-3, 2.5), (3e-3, 2.9)):
+        rid = bench.run_id("sft_alpaca", "adamw_ga", 1, lr, 0)
+        _fake_run(tmp_path, rid, [4.0, loss], 100, 10.0)
+        # --variance-every 8, window of 4 measured updates: the first row lands at micro-step 32
+        row = {"kind": "update_variance", "micro_step": 32, "window_periods": 4, "update_variance": 1e-6}
+        with (tmp_path / rid / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    found = bench.every_micro_batch_baselines(args, tmp_path, "sft_alpaca", 8)
+    assert list(found) == ["adamw K=1 (EMA, every micro-batch) lr=0.001"]  # the best-lr run
+    assert bench.every_micro_batch_baselines(args, tmp_path, "sft_alpaca", 4) == {}
