@@ -122,3 +122,12 @@ def test_two_rank_pretraining_lowers_held_out_loss_and_the_model_fine_tunes(tmp_
               launcher="deepspeed", timeout=300)
     result = json.loads((out / "summary.json").read_text())
     assert result["model"] == str(base) and result["optimizer_steps"] == 8 and math.isfinite(result["eval_loss"])
+
+
+def test_unloadable_tokenizer_is_named_before_any_process_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = _text(tmp_path, "a.txt", "hello world\n" * 200)
+    with pytest.raises(ConfigError, match=r"could not load tokenizer '/nonexistent/tokenizer'"):
+        pretrain.run(["--text", text, "--tokenizer", "/nonexistent/tokenizer", "--output-dir", str(tmp_path / "o")])
+    import torch.distributed as dist
+    assert not dist.is_initialized()
