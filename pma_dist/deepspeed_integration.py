@@ -287,10 +287,6 @@ def _split_comm_profile(args, config, config_params):
     return comm_profile, args, config, config_params
 
 
-def _comm_profile_enabled(section) -> bool:
-    return isinstance(section, dict) and bool(section.get("enabled", False))
-
-
 def _wrap_initialize(ds_initialize):
     if getattr(ds_initialize, "_pma_dist_wrapped", False):
         return ds_initialize
@@ -300,6 +296,8 @@ def _wrap_initialize(ds_initialize):
                    lr_scheduler=None, distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None,
                    config=None, mesh_param=None, config_params=None):
         comm_profile, args, config, config_params = _split_comm_profile(args, config, config_params)
+        from pma_dist.comm.profile import parse_comm_profile
+        profile = parse_comm_profile(comm_profile)  # a bad section is an error before the engine is built
         kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                       training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                       dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
@@ -307,7 +305,7 @@ def _wrap_initialize(ds_initialize):
         if distributed_port is not None:
             kwargs["distributed_port"] = distributed_port
         result = ds_initialize(**kwargs)
-        if _comm_profile_enabled(comm_profile):
+        if profile is not None:
             from pma_dist.comm import attach_to_engine
             attach_to_engine(result[0], comm_profile)
         return result

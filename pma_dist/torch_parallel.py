@@ -6,9 +6,9 @@ The whole API is one function and one object::
 
     init_process_group()                              # under torchrun / deepspeed / mpirun
     trainer = setup(model, backend="fsdp",            # or "ddp"
-                    optimizer="adamw_pma",            # "lion_pma", or the GA baselines "adamw", "lion"
+                    optimizer="adamw_pma",            # any name of pma_dist.methods.METHODS
                     optimizer_kwargs=dict(lr=2e-5, betas=(0.9, 0.95)),
-                    period=8)                         # PMA period K, or the GA accumulation steps
+                    period=8)                         # K: PMA period or GA accumulation steps
     for batch in loader:                              # one micro-batch per call, per rank, on the device
         trainer.micro_step(lambda model: model(**batch).loss)
     trainer.save("ckpt/step-100")                     # torch.distributed.checkpoint, sharded
@@ -22,11 +22,15 @@ Details, the communication model and the tests: ``docs/fsdp_ddp.md``.
 * PMA (``adamw_pma``, ``lion_pma``): gradients are synchronised and the optimizer steps on *every*
   micro-batch; ``period`` is the optimizer's K. There is no communication saving to be had here:
   the PMA update at micro-step t needs the all-rank mean gradient of micro-step t.
-* GA baselines (``adamw`` = ``torch.optim.AdamW``, ``lion`` = Lion, i.e. ``LionPMA`` with K = 1,
+* GA baselines (``adamw_ga`` = ``torch.optim.AdamW``, ``lion_ga`` = Lion, i.e. ``LionPMA`` with K = 1,
   which is Lion exactly): the loss is divided by ``period`` and gradients accumulate over
   ``period`` micro-batches; only the last one synchronises (FSDP2
   ``set_requires_gradient_sync(False)`` before the others, DDP ``no_sync()``) and then the
   optimizer steps. This is the "AdamW-K" baseline of the paper.
+* No-accumulation baselines (``adamw``, ``lion``): synchronise and step on every micro-batch.
+
+Which micro-step synchronises, steps or is large is the method's
+:class:`~pma_dist.schedule.MicroStepSchedule` (:mod:`pma_dist.methods`).
 
 The process group must exist before ``setup`` (:func:`init_process_group` picks the backend and
 device through DeepSpeed's accelerator API, so the same code runs on CUDA/NCCL and on CPU/gloo).
@@ -45,43 +49,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .optim import AdamWPMA, LionPMA, PMAOptimizer
-from .schedule import PMAPhase
+from .methods import METHODS, get_method
+from .optim import PMAOptimizer
 
-__all__ = ["BACKENDS", "OPTIMIZERS", "ParallelTrainer", "init_process_group", "setup"]
+__all__ = ["BACKENDS", "ParallelTrainer", "init_process_group", "setup"]
 
 BACKENDS = ("fsdp", "ddp")
-
-
-@dataclass(frozen=True)
-class OptimizerChoice:
-    build: Callable[..., torch.optim.Optimizer]
-    uses_pma: bool  # True: step every micro-batch with K = period; False: accumulate `period` micro-batches
-
-
-def _build_adamw_pma(params, period, **kwargs):
-    return AdamWPMA(params, period=period, **kwargs)
-
-
-def _build_lion_pma(params, period, **kwargs):
-    return LionPMA(params, period=period, **kwargs)
-
-
-def _build_adamw(params, period, **kwargs):
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def _build_lion(params, period, **kwargs):
-    # Lion-PMA with K = 1 is Lion bit for bit (docs/math.md), so the baseline shares its code.
-    return LionPMA(params, period=1, **kwargs)
-
-
-OPTIMIZERS: Dict[str, OptimizerChoice] = {
-    "adamw_pma": OptimizerChoice(_build_adamw_pma, uses_pma=True),
-    "lion_pma": OptimizerChoice(_build_lion_pma, uses_pma=True),
-    "adamw": OptimizerChoice(_build_adamw, uses_pma=False),
-    "lion": OptimizerChoice(_build_lion, uses_pma=False),
-}
 
 
 def _accelerator():
@@ -116,7 +89,7 @@ class ParallelTrainer:
         self.optimizer_name = optimizer_name
         self.optimizer = optimizer
         self.period = period
-        self.uses_pma = OPTIMIZERS[optimizer_name].uses_pma
+        self.schedule = get_method(optimizer_name).schedule(period)
         self.lr_scheduler = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.fsdp_units = list(fsdp_units)
@@ -130,21 +103,24 @@ class ParallelTrainer:
 
     # ------------------------------------------------------------------ training
     @property
+    def uses_pma(self) -> bool:
+        return self.schedule.is_pma
+
+    @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step: 1 under PMA, ``period`` for the GA baselines."""
-        return 1 if self.uses_pma else self.period
+        """Micro-batches per optimizer step: ``period`` for the GA baselines, 1 otherwise."""
+        return self.schedule.accumulation
 
     def is_sync_step(self, micro_step: Optional[int] = None) -> bool:
         """Whether micro-step ``micro_step`` (0-based; default: the next one) synchronises gradients and steps."""
-        index = self.micro_steps if micro_step is None else micro_step
-        return (index + 1) % self.accumulation_steps == 0
+        return self.schedule.steps_optimizer(self.micro_steps if micro_step is None else micro_step)
 
     def micro_step(self, loss_fn: Callable[[nn.Module], Tensor]) -> MicroStepResult:
         """Forward+backward of one micro-batch via ``loss_fn(model)``; synchronise and step when due."""
         sync = self.is_sync_step()
         ledger = self.comm_ledger
         if ledger is not None:
-            ledger.begin_micro_step(self.micro_steps, self._micro_step_kind(sync))
+            ledger.begin_micro_step(self.micro_steps, self._micro_step_kind())
         with self._gradient_sync(sync):
             with self._phase("forward"):
                 loss = loss_fn(self.model)
@@ -184,12 +160,10 @@ class ParallelTrainer:
         coef = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
-    def _micro_step_kind(self, sync: bool) -> str:
-        """The ledger's label: PMA "small"/"large" (of the coming optimizer step), GA "accumulate"/"boundary"."""
-        if self.uses_pma:
-            group = self.optimizer.param_groups[0]
-            return "large" if PMAPhase(step=group["step"] + 1, period=group["period"]).is_large else "small"
-        return "boundary" if sync else "accumulate"
+    def _micro_step_kind(self) -> str:
+        """The ledger's label of the coming micro-step, PMA's judged by the optimizer's own clock."""
+        coming = self.optimizer.param_groups[0]["step"] + 1 if self.schedule.is_pma else None
+        return self.schedule.kind(self.micro_steps, coming)
 
     def _phase(self, name: str):
         return self.comm_ledger.in_phase(name) if self.comm_ledger is not None else contextlib.nullcontext()
@@ -252,7 +226,8 @@ class ParallelTrainer:
         self.micro_steps = int(state["trainer"]["micro_steps"])
 
     def is_at_boundary(self) -> bool:
-        return self.micro_steps % self.accumulation_steps == 0
+        """No gradients are accumulated: the micro-steps so far ended with an optimizer step."""
+        return self.schedule.is_step_boundary(self.micro_steps)
 
     def _setup_steps(self):
         if isinstance(self.optimizer, PMAOptimizer):
@@ -273,7 +248,7 @@ class ParallelTrainer:
 
 
 def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimizer_kwargs: Optional[dict] = None,
-          period: int = 8, *, lr_scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+          period: Optional[int] = None, *, lr_scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
           max_grad_norm: float = 0.0, fsdp_units: Optional[Iterable[nn.Module]] = None,
           fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None,
           comm_profile: Optional[dict] = None) -> ParallelTrainer:
@@ -283,10 +258,12 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         model: a plain ``nn.Module`` (same initial weights on every rank; DDP broadcasts rank 0's,
             FSDP2 keeps each rank's shard of its own copy).
         backend: ``"fsdp"`` (FSDP2 ``fully_shard``) or ``"ddp"``.
-        optimizer: ``"adamw_pma"``, ``"lion_pma"`` (step every micro-batch) or the GA baselines
-            ``"adamw"``, ``"lion"`` (step every ``period`` micro-batches).
+        optimizer: a training method of :mod:`pma_dist.methods`: ``"adamw_pma"``, ``"adamw_pma_reference"``,
+            ``"lion_pma"`` (step every micro-batch, PMA period K), the GA baselines ``"adamw_ga"``,
+            ``"lion_ga"`` (step every K micro-batches) or ``"adamw"``, ``"lion"`` (no accumulation).
         optimizer_kwargs: hyper-parameters of the optimizer (lr, betas, weight_decay, ...; not ``period``).
-        period: PMA period K, or the baselines' gradient-accumulation steps: the same K on both sides.
+        period: K, the PMA period or the baselines' gradient-accumulation steps (default 8; the
+            no-accumulation methods take only 1 or None).
         lr_scheduler: ``optimizer -> scheduler``; stepped after every optimizer step and checkpointed.
         max_grad_norm: clip the global gradient norm before every optimizer step (0 = off).
         fsdp_units: modules that get their own ``fully_shard`` (one all-gather each); default: the
@@ -298,9 +275,10 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
             under DDP a comm hook routes the C++ reducer's bucket all-reduces through the ledger.
             Call :meth:`ParallelTrainer.close` at the end (final write, rank 0's report).
     """
-    from .comm import parse_comm_profile
+    from .comm.profile import parse_comm_profile
 
     comm_options = parse_comm_profile(comm_profile)  # a bad section fails before any wrapping
+    period = _resolve_period(optimizer, period)
     _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_grad_norm,
                     fsdp_kwargs if backend == "fsdp" else ddp_kwargs, "fsdp_kwargs" if backend == "fsdp" else "ddp_kwargs")
     units = _fsdp_units(model, fsdp_units) if backend == "fsdp" else []
@@ -311,7 +289,7 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         wrapped = _wrap_fsdp(model, units, dict(fsdp_kwargs or {}))
     else:
         wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
-    built = OPTIMIZERS[optimizer].build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
+    built = get_method(optimizer).build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
     scheduler = lr_scheduler(built) if lr_scheduler is not None else None
     trainer = ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
                               max_grad_norm=float(max_grad_norm), fsdp_units=units)
@@ -327,10 +305,6 @@ def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_gra
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))} "
                          "(DeepSpeed runs through pma_dist's DeepSpeed integration instead)")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(map(repr, OPTIMIZERS))}")
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"period must be a positive int (the PMA period K / GA accumulation steps), got {period!r}")
     if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
         raise TypeError(f"optimizer_kwargs must be a dict, got {_describe(optimizer_kwargs)}")
     if optimizer_kwargs and "period" in optimizer_kwargs:
@@ -344,6 +318,20 @@ def _validate_setup(model, backend, optimizer, optimizer_kwargs, period, max_gra
         raise TypeError(f"max_grad_norm must be a number, got {max_grad_norm!r}") from None
     if not clip >= 0:
         raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {max_grad_norm!r}")
+
+
+def _resolve_period(optimizer, period) -> int:
+    if optimizer not in METHODS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(map(repr, METHODS))}")
+    method = get_method(optimizer)
+    if period is None:
+        return 8 if method.accumulation != "plain" else 1
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"period must be a positive int (the PMA period K / GA accumulation steps), got {period!r}")
+    if method.accumulation == "plain" and period != 1:
+        raise ValueError(f"{optimizer!r} steps on every micro-batch (no accumulation), so period={period} means "
+                         f"nothing; for gradient accumulation over {period} micro-batches use {optimizer + '_ga'!r}")
+    return period
 
 
 def _fsdp_units(model: nn.Module, requested: Optional[Iterable[nn.Module]]) -> List[nn.Module]:
@@ -388,57 +376,49 @@ def _wrap_ddp(model: nn.Module, ddp_kwargs: dict) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- communication accounting
-def _attach_ledger(trainer: ParallelTrainer, options: dict, fsdp_kwargs: dict, ddp_kwargs: dict) -> None:
-    from .comm import CommLedger
+def _attach_ledger(trainer: ParallelTrainer, profile, fsdp_kwargs: dict, ddp_kwargs: dict) -> None:
+    from .comm.profile import open_ledger
 
-    ledger = CommLedger(options["output_dir"], comm_meta(trainer, fsdp_kwargs, ddp_kwargs),
-                        keep_calls=options.get("keep_calls", False), write_every=options.get("write_every"))
-    if options.get("report", True):
-        from .comm.deepspeed_attach import _write_report  # barrier, then rank 0 writes the run report
-
-        ledger.on_close(_write_report)
+    ledger = open_ledger(profile, comm_meta(trainer, fsdp_kwargs, ddp_kwargs))
     if trainer.backend == "ddp":
         # DDP's C++ reducer never calls Python collectives; the hook all-reduces each bucket through
         # torch.distributed (the same averaging as DDP's default), where the ledger sees it.
         trainer.model.register_comm_hook(None, ledger.ddp_comm_hook())
-    trainer.comm_ledger = ledger.install()
+    trainer.comm_ledger = ledger
 
 
-def comm_meta(trainer: ParallelTrainer, fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None) -> dict:
-    """What ``pma_dist.comm.model`` needs to predict this trainer's traffic (the ledger's ``meta``)."""
+def comm_meta(trainer: ParallelTrainer, fsdp_kwargs: Optional[dict] = None, ddp_kwargs: Optional[dict] = None):
+    """What ``pma_dist.comm.model`` needs to predict this trainer's traffic (a :class:`~pma_dist.comm.profile.RunMeta`)."""
+    from .comm.profile import RunMeta, dtype_name
+
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     dtype = params[0].dtype if params else torch.float32
     world = dist.get_world_size()
-    meta = {
-        "backend": "fsdp2" if trainer.backend == "fsdp" else "ddp",
-        "optimizer": type(trainer.optimizer).__name__,
-        "pma": trainer.uses_pma,
-        "zero_stage": None,
-        "period": trainer.period,
-        "gradient_accumulation_steps": trainer.accumulation_steps,
-        "world_size": world,
-        "dp_world_size": world,
-        "dtype": _dtype_name(dtype),
-        "param_count": sum(p.numel() for p in params),
-        "param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "param_numels": [p.numel() for p in params],  # full sizes, also for FSDP2's DTensors
-        "gradient_clipping": trainer.max_grad_norm,
-    }
     if trainer.backend == "fsdp":
         mp_policy = (fsdp_kwargs or {}).get("mp_policy")
-        meta["fsdp_param_dtype"] = _dtype_name(getattr(mp_policy, "param_dtype", None) or dtype)
-        meta["fsdp_reduce_dtype"] = _dtype_name(getattr(mp_policy, "reduce_dtype", None)
-                                                or getattr(mp_policy, "param_dtype", None) or dtype)
-        meta["fsdp_units"] = _fsdp_unit_meta(trainer, (fsdp_kwargs or {}).get("reshard_after_forward"))
+        options = {
+            "fsdp_param_dtype": dtype_name(getattr(mp_policy, "param_dtype", None) or dtype),
+            "fsdp_reduce_dtype": dtype_name(getattr(mp_policy, "reduce_dtype", None)
+                                            or getattr(mp_policy, "param_dtype", None) or dtype),
+            "fsdp_units": _fsdp_unit_meta(trainer, (fsdp_kwargs or {}).get("reshard_after_forward")),
+        }
     else:
         from torch.distributed import _DEFAULT_FIRST_BUCKET_BYTES
 
         cap_mb = (ddp_kwargs or {}).get("bucket_cap_mb")
-        meta["ddp_bucket_cap_bytes"] = int((25 if cap_mb is None else cap_mb) * 1024 * 1024)
-        meta["ddp_first_bucket_bytes"] = _DEFAULT_FIRST_BUCKET_BYTES if cap_mb is None else meta["ddp_bucket_cap_bytes"]
-        meta["ddp_grad_numels"] = [p.numel() for p in params]
-        meta["ddp_grad_element_size"] = params[0].element_size() if params else 4
-    return meta
+        cap_bytes = int((25 if cap_mb is None else cap_mb) * 1024 * 1024)
+        options = {
+            "ddp_bucket_cap_bytes": cap_bytes,
+            "ddp_first_bucket_bytes": _DEFAULT_FIRST_BUCKET_BYTES if cap_mb is None else cap_bytes,
+            "ddp_grad_numels": [p.numel() for p in params],
+            "ddp_grad_element_size": params[0].element_size() if params else 4,
+        }
+    return RunMeta(
+        backend="fsdp2" if trainer.backend == "fsdp" else "ddp", optimizer=type(trainer.optimizer).__name__,
+        schedule=trainer.schedule, world_size=world, dp_world_size=world, dtype=dtype_name(dtype),
+        param_numels=[p.numel() for p in params],  # full sizes, also for FSDP2's DTensors
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        gradient_clipping=trainer.max_grad_norm, backend_options=options)
 
 
 def _fsdp_unit_meta(trainer: ParallelTrainer, reshard_after_forward) -> List[dict]:
@@ -466,10 +446,6 @@ def _fsdp_unit_meta(trainer: ParallelTrainer, reshard_after_forward) -> List[dic
 def _local(tensor: Tensor) -> Tensor:
     """This rank's part of a (possibly DTensor) tensor, as a plain tensor sharing its storage."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _describe(value) -> str:

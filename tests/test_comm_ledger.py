@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from pma_dist.comm import CommLedger, active_ledger, close_all, model, parse_comm_profile
+from pma_dist.methods import get_method
 from tests.launching import run_ranks
 
 MATRIX = [(stage, dtype, kind) for stage in range(4) for dtype in ("fp32", "bf16") for kind in ("pma", "ga")]
@@ -110,7 +111,9 @@ def test_bad_ledger_arguments(args, match):
     ({"enabled": True, "output_dir": "x", "outdir": "y"}, r"unknown comm_profile key\(s\) \['outdir'\]"),
     ({"enabled": True, "output_dir": "x", "write_every": -1}, "write_every must be a positive int, got -1"),
     ({"enabled": True, "output_dir": "x", "report": 1}, "comm_profile.report must be true or false, got 1"),
-    ({"comm_profile": ["on"]}, "comm_profile must be a dict, got list"),
+    ({"comm_profile": ["on"]}, "comm_profile must be a dict.*got list"),
+    ({"comm_profile": "runs/comm"}, "comm_profile must be a dict.*got str: 'runs/comm'"),
+    ({"enabld": True, "output_dir": "x"}, r"unknown comm_profile key\(s\) \['enabld'\]"),
 ])
 def test_bad_comm_profile_config(cfg, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -120,7 +123,7 @@ def test_bad_comm_profile_config(cfg, match):
 def test_comm_profile_off_or_absent_is_none():
     assert parse_comm_profile(None) is None
     assert parse_comm_profile({"enabled": False}) is None
-    assert parse_comm_profile({"comm_profile": {"enabled": True, "output_dir": "o"}})["output_dir"] == "o"
+    assert parse_comm_profile({"comm_profile": {"enabled": True, "output_dir": "o"}}).output_dir == "o"
 
 
 # --- 2 ranks: every spelling once, exact bytes ------------------------------------------------
@@ -165,11 +168,18 @@ def test_files_are_rewritten_every_period_before_close(checks):
 
 
 # --- DeepSpeed: measured == model, byte for byte ---------------------------------------------
+# Every method of pma_dist.methods through DeepSpeed's JSON path (ZeRO-1 fp32, K = 4: it reduces only when
+# it steps): each one's measured traffic equals the model (the Lion GA baseline, LionPMA(period=1) under
+# accumulation, was once modelled as PMA).
+EVERY_METHOD = ("adamw_pma_reference", "lion_pma", "lion_ga", "adamw", "lion")
+
+
 @pytest.fixture(scope="module")
 def matrix2(tmp_path_factory):
     root = tmp_path_factory.mktemp("comm_matrix2")
-    run_ranks("comm_matrix.py", [root / "out.json", root / "runs", "--extra", "2:fp32:pma:4:json",
-                                 "--extra", "2:fp32:ga:4:json", "--extra", "3:bf16:pma:2:json"],
+    extras = ["2:fp32:pma:4:json", "2:fp32:ga:4:json", "3:bf16:pma:2:json"]
+    extras += [f"1:fp32:{method}:4:json" for method in EVERY_METHOD]
+    run_ranks("comm_matrix.py", [root / "out.json", root / "runs"] + [a for e in extras for a in ("--extra", e)],
               nproc=2, timeout=900)
     return json.load(open(root / "out.json"))
 
@@ -181,10 +191,10 @@ def matrix3(tmp_path_factory):
     return json.load(open(root / "out.json"))
 
 
-def assert_matches_model(result):
+def assert_matches_model(result, micro_steps=None):
     for ledger in result["ledgers"]:
         assert model.compare(ledger) == [], f"rank {ledger['meta']['rank']}"
-        assert ledger["meta"]["micro_steps"] == 2 * result["period"]
+        assert ledger["meta"]["micro_steps"] == (micro_steps or 2 * result["period"])
     # all ranks send the same collectives
     strip = [[{k: r[k] for k in ("micro_step", "phase", "op", "count", "bytes")} for r in l["records"]]
              for l in result["ledgers"]]
@@ -203,6 +213,21 @@ def test_measured_equals_model_3_ranks_with_clipping(matrix3, stage, dtype, kind
     result = matrix3["results"][f"z{stage}_{dtype}_{kind}"]
     assert result["ledgers"][0]["meta"]["world_size"] == 3
     assert_matches_model(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_every_method_measured_equals_model_through_the_json_path(matrix2, method):
+    result = matrix2["results"][f"z1_fp32_{method}_k4_json"]
+    assert result["attached_by_config"] and result["report_written"]
+    assert_matches_model(result, micro_steps=2 * 4)
+    schedule = get_method(method).schedule(4)
+    meta = result["ledgers"][0]["meta"]
+    assert (meta["pma"], meta["gradient_accumulation_steps"]) == (schedule.is_pma, schedule.accumulation)
+    kinds = {r["micro_step"]: r["pma_kind"] for r in result["ledgers"][0]["records"]}
+    assert kinds == {i: schedule.kind(i) for i in range(8)}
+    reduces = {r["micro_step"] for r in result["ledgers"][0]["records"] if r["op"] == "all_reduce" and r["bytes"] > 8}
+    assert reduces == {i for i in range(8) if schedule.steps_optimizer(i)}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_fsdp import (COMM_STEPS, FP32, LAYERS, PERIOD, assert_comm, assert_errors, assert_ga_parity,
-                              assert_pma_parity, assert_resume, launch_checks)
+                              assert_plain_parity, assert_pma_parity, assert_resume, launch_checks)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,11 @@ def test_ddp_pma_equals_single_process(results):
 @pytest.mark.slow
 def test_ddp_ga_baselines_equal_single_process(results):
     assert_ga_parity(results)
+
+
+@pytest.mark.slow
+def test_ddp_no_accumulation_baselines_equal_single_process(results):
+    assert_plain_parity(results)
 
 
 @pytest.mark.slow
@@ -44,3 +49,7 @@ def test_ddp_measured_bytes_equal_the_model(results):
         "pma": {"all_reduce": (COMM_STEPS, grad_bytes * COMM_STEPS)},
         "ga": {"all_reduce": (COMM_STEPS // PERIOD, grad_bytes * COMM_STEPS // PERIOD)},
     }, "ddp")
+    every_step = {"all_reduce": (COMM_STEPS, grad_bytes * COMM_STEPS)}
+    assert_comm(results, {"lion_pma": every_step, "adamw": every_step, "lion": every_step,
+                          "lion_ga": {"all_reduce": (COMM_STEPS // PERIOD, grad_bytes * COMM_STEPS // PERIOD)}},
+                "ddp")

@@ -109,7 +109,8 @@ def test_comm_profile_is_split_from_a_json_file_given_through_args(tmp_path):
     section, new_args, config, _ = dsi._split_comm_profile(args, None, None)
     assert section == {"enabled": False} and config == {"train_micro_batch_size_per_gpu": 1}
     assert new_args.deepspeed_config is None and args.deepspeed_config == str(path)
-    assert not dsi._comm_profile_enabled(section)
+    from pma_dist.comm.profile import parse_comm_profile
+    assert parse_comm_profile(section) is None
 
 
 def test_config_without_comm_profile_passes_through_untouched():

@@ -18,6 +18,7 @@ WORLD = 2
 PERIOD, STEPS = 3, 12  # as in the worker: four periods
 PMA_CASES = ("adamw_pma_reference", "adamw_pma_paper_clipped", "lion_pma", "adamw_pma_fused")
 GA_CASES = ("adamw_ga", "lion_ga")
+PLAIN_CASES = ("adamw", "lion")  # no accumulation: an optimizer step on every micro-batch
 # fp32: the sharded run sums the same per-sample gradients in another order (reduce-scatter vs one
 # matmul); with eps = 1e-3 that stays at a few ulps (measured <= 5e-8 absolute). Lion is exact.
 PARITY_ABS_TOL = 5e-7
@@ -63,6 +64,15 @@ def assert_ga_parity(results):
         for case in GA_CASES:
             r = result["parity"][case]
             assert r["optimizer_steps"] == STEPS // PERIOD, (rank, case, r)  # one step per K micro-batches
+            assert r["moved"] > 1e-2, (case, r)
+            assert r["max_abs_diff"] <= PARITY_ABS_TOL, f"rank {rank} {case} drifted from one process: {r}"
+
+
+def assert_plain_parity(results):
+    for rank, result in enumerate(results):
+        for case in PLAIN_CASES:
+            r = result["parity"][case]
+            assert r["optimizer_steps"] == STEPS, (rank, case, r)
             assert r["moved"] > 1e-2, (case, r)
             assert r["max_abs_diff"] <= PARITY_ABS_TOL, f"rank {rank} {case} drifted from one process: {r}"
 
@@ -129,6 +139,11 @@ def test_fsdp_ga_baselines_equal_single_process(results):
 
 
 @pytest.mark.slow
+def test_fsdp_no_accumulation_baselines_equal_single_process(results):
+    assert_plain_parity(results)
+
+
+@pytest.mark.slow
 def test_fsdp_optimizer_state_is_the_local_shard(results):
     for rank, result in enumerate(results):
         report = result["shards"]
@@ -177,6 +192,13 @@ def test_fsdp_measured_bytes_equal_the_model(results):
                 "all_reduce": (COMM_STEPS, FP32 * COMM_STEPS)},  # the clipping norm
         "ga": {"all_gather": gathers,
                "reduce_scatter": (len(units) * syncs_ga, sum(units) * syncs_ga)},
+    }, "fsdp2")
+    # every method of the table: PMA and the no-accumulation baselines reduce-scatter on every micro-step,
+    # the GA baselines once per K; unclipped, so no norm all-reduce
+    every_step = {"all_gather": gathers, "reduce_scatter": (len(units) * COMM_STEPS, sum(units) * COMM_STEPS)}
+    assert_comm(results, {
+        "lion_pma": every_step, "adamw": every_step, "lion": every_step,
+        "lion_ga": {"all_gather": gathers, "reduce_scatter": (len(units) * syncs_ga, sum(units) * syncs_ga)},
     }, "fsdp2")
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pma_dist.torch_parallel import OPTIMIZERS, ParallelTrainer, setup
+from pma_dist.methods import METHODS
+from pma_dist.torch_parallel import ParallelTrainer, setup
 
 
 def tiny():
@@ -14,7 +15,8 @@ def tiny():
 
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(backend="zero3"), ValueError, ["'zero3'", "'fsdp'", "'ddp'"]),
-    (dict(backend="fsdp", optimizer="sgd"), ValueError, ["'sgd'", "'adamw_pma'", "'lion'"]),
+    (dict(backend="fsdp", optimizer="sgd"), ValueError, ["'sgd'", "'adamw_pma'", "'lion_ga'", "'lion'"]),
+    (dict(backend="ddp", optimizer="adamw", period=8), ValueError, ["'adamw'", "period=8", "'adamw_ga'"]),
     (dict(backend="ddp", period=0), ValueError, ["period", "0"]),
     (dict(backend="ddp", period=2.0), ValueError, ["period", "2.0"]),
     (dict(backend="ddp", period=True), ValueError, ["period", "True"]),
@@ -46,14 +48,14 @@ def test_setup_needs_a_process_group():
 def test_bad_optimizer_hyper_parameter_names_the_value():
     # the optimizers validate their own hyper-parameters; the registry passes them through unchanged
     with pytest.raises(ValueError, match="lr=-1"):
-        OPTIMIZERS["adamw_pma"].build(tiny().parameters(), 4, lr=-1)
+        METHODS["adamw_pma"].build(tiny().parameters(), 4, lr=-1)
     with pytest.raises(TypeError, match="warmup"):
-        OPTIMIZERS["lion"].build(tiny().parameters(), 4, lr=1e-3, warmup=10)
+        METHODS["lion_ga"].build(tiny().parameters(), 4, lr=1e-3, warmup=10)
 
 
 def test_micro_step_rejects_a_non_scalar_loss():
     model = tiny()
-    trainer = ParallelTrainer(model, "ddp", "adamw_pma", OPTIMIZERS["adamw_pma"].build(model.parameters(), 2), 2)
+    trainer = ParallelTrainer(model, "ddp", "adamw_pma", METHODS["adamw_pma"].build(model.parameters(), 2), 2)
     with pytest.raises(TypeError, match=r"scalar loss tensor, got a tensor of shape \(3, 2\)"):
         trainer.micro_step(lambda m: m(torch.ones(3, 2)))
     assert trainer.micro_steps == 0
@@ -61,11 +63,14 @@ def test_micro_step_rejects_a_non_scalar_loss():
 
 def test_pma_steps_every_micro_batch_and_ga_every_period():
     model = tiny()
-    pma = ParallelTrainer(model, "ddp", "lion_pma", OPTIMIZERS["lion_pma"].build(model.parameters(), 3), 3)
-    ga = ParallelTrainer(model, "ddp", "lion", OPTIMIZERS["lion"].build(model.parameters(), 3), 3)
+    pma = ParallelTrainer(model, "ddp", "lion_pma", METHODS["lion_pma"].build(model.parameters(), 3), 3)
+    ga = ParallelTrainer(model, "ddp", "lion_ga", METHODS["lion_ga"].build(model.parameters(), 3), 3)
+    plain = ParallelTrainer(model, "ddp", "lion", METHODS["lion"].build(model.parameters(), 1), 1)
     assert [pma.is_sync_step(i) for i in range(6)] == [True] * 6
     assert [ga.is_sync_step(i) for i in range(6)] == [False, False, True, False, False, True]
+    assert [plain.is_sync_step(i) for i in range(6)] == [True] * 6
     assert ga.optimizer.param_groups[0]["period"] == 1  # the Lion baseline is Lion-PMA with K = 1
+    assert (pma.accumulation_steps, ga.accumulation_steps, plain.accumulation_steps) == (1, 3, 1)
 
 
 def test_fsdp_units_must_be_submodules_and_not_the_root():

@@ -35,6 +35,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..schedule import MicroStepSchedule
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000  # deepspeed.runtime.engine, elements per ZeRO-0 bucket
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: flat buffers padded to a multiple of 2 * N elements
@@ -79,6 +81,11 @@ class Setup:
     @property
     def param_count(self) -> int:
         return sum(self.param_numels)
+
+    @property
+    def schedule(self) -> MicroStepSchedule:
+        """``period`` micro-steps are one PMA period (``pma``) or one accumulated GA step."""
+        return MicroStepSchedule.from_cycle(self.period, self.pma)
 
     @property
     def dtype_bytes(self) -> int:
@@ -231,8 +238,8 @@ def warmup_micro_steps(s: Setup) -> int:
 
 
 def is_boundary(s: Setup, micro_step: int) -> bool:
-    """PMA steps (a boundary) on every micro-step; GA on every K-th (0-based index K-1, 2K-1, ...)."""
-    return s.pma or (micro_step + 1) % s.period == 0
+    """Whether micro-step ``micro_step`` (0-based) ends with an optimizer step (PMA: every one)."""
+    return s.schedule.steps_optimizer(micro_step)
 
 
 def micro_step_messages(s: Setup, micro_step: int) -> List[Message]:
@@ -314,8 +321,7 @@ def projected_period_records(zero_stage: int, world_size: int, period: int, dtyp
                               pma=pma, dtype=dtype)
     records = []
     for i in range(period):
-        kind = ("large" if (i + 1) % period == 0 else "small") if pma else \
-            ("boundary" if is_boundary(s, i) else "accumulate")
+        kind = s.schedule.kind(i)
         for (phase, op), (count, nbytes) in sorted(micro_step_totals(s, i).items()):
             records.append({"micro_step": i, "pma_kind": kind, "phase": phase, "op": op, "count": count,
                             "bytes": nbytes})

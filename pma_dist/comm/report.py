@@ -22,6 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..schedule import MicroStepSchedule
+
 REPORT_KIND = "pma-dist/report"
 SUPPORTED_FORMATS = (1,)
 REQUIRED_META = ("optimizer", "zero_stage", "period", "world_size", "micro_steps")
@@ -167,6 +169,7 @@ def summarize(run: Run) -> dict:
     """The per-run section of ``report.json``."""
     meta = run.meta
     period = meta["period"]
+    schedule = MicroStepSchedule.from_cycle(period, bool(meta.get("pma")))
     micro_steps = meta["micro_steps"]
     reference = run.ranks[min(run.ranks)]
     seconds = _mean_seconds(run)
@@ -178,13 +181,13 @@ def summarize(run: Run) -> dict:
         notes.append("ranks logged different training collectives; counts and bytes are rank "
                      f"{min(run.ranks)}'s")
 
-    complete = micro_steps // period
+    complete = schedule.complete_cycles(micro_steps)
     if complete == 0:
         raise ReportError(f"run {run.run_dir!r} has {micro_steps} micro-step(s), fewer than one period "
                           f"(K={period}); train at least K micro-steps")
-    if micro_steps % period:
-        notes.append(f"{micro_steps % period} micro-step(s) after the last complete period are left out of "
-                     "the per-period numbers")
+    if not schedule.ends_cycle(micro_steps):
+        notes.append(f"{micro_steps - complete * period} micro-step(s) after the last complete period are left "
+                     "out of the per-period numbers")
     skip = max(1, -(-warmup_micro_steps(meta) // period))  # periods holding one-time set-up traffic
     counted = list(range(skip, complete)) if complete > skip else [complete - 1]
     if complete <= skip:
@@ -203,7 +206,7 @@ def summarize(run: Run) -> dict:
             _add(before[op], count, nbytes, sec)
             continue
         _add(total[op], count, nbytes, sec)
-        index = micro_step // period
+        index = schedule.cycle_of(micro_step)
         if index >= complete:
             continue
         _add(per_period_list[index][op], count, nbytes, sec)
@@ -226,7 +229,7 @@ def summarize(run: Run) -> dict:
         per_period = _scaled(summed, 1.0 / n)
         collectives[op] = {"per_period": per_period, "per_micro_step": _scaled(per_period, 1.0 / period),
                            "total": dict(total[op])}
-    kinds_expected = {"small": period - 1, "large": 1} if meta.get("pma") else {"accumulate": period - 1, "boundary": 1}
+    kinds_expected = schedule.kinds_per_cycle
     by_kind_out = {}
     for kind, per_op in by_kind.items():
         # micro-steps of this kind per period: from the schedule, since a kind that sent nothing has no record

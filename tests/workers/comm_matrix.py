@@ -19,8 +19,15 @@ import torch
 import deepspeed
 import torch.distributed as dist
 
-import pma_dist
 from pma_dist.comm import attach_to_engine
+from pma_dist.methods import get_method
+
+# the matrix's two kinds; any other kind is a method name of pma_dist.methods
+KIND_METHODS = {"pma": "adamw_pma", "ga": "adamw_ga"}
+
+
+def method_of(kind: str):
+    return get_method(KIND_METHODS.get(kind, kind))
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -31,7 +38,7 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 
 def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: float,
               persistence_threshold=None) -> dict:
-    gas = period if kind == "ga" else 1
+    gas = method_of(kind).schedule(period).accumulation
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": gas,
@@ -55,24 +62,16 @@ def make_engine(args, stage, dtype, kind, world, run_dir, period, json_config):
     config = ds_config(stage, dtype, kind, period, world, args.clip, args.persistence_threshold)
     # The JSON path also lets rank 0 write the run report when the engine is destroyed.
     profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": json_config}
+    method = method_of(kind)
     if json_config:
-        name = "AdamWPMA" if kind == "pma" else "AdamW"
-        params = {"lr": 1e-3, "weight_decay": 0.0}
-        if kind == "pma":
-            params["period"] = period
-        else:
-            params["torch_adam"] = True
-        config["optimizer"] = {"type": name, "params": params}
+        config.update(method.deepspeed_config(period, {"lr": 1e-3, "weight_decay": 0.0}))
         config["comm_profile"] = profile
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         ledger = getattr(engine, "comm_ledger", None)
         if ledger is None:  # integration present but not attaching: do it here so the run still counts
             ledger = attach_to_engine(engine, profile)
         return engine, ledger
-    if kind == "pma":
-        optimizer = pma_dist.AdamWPMA(model.parameters(), lr=1e-3, weight_decay=0.0, period=period)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    optimizer = method.build(model.parameters(), period, lr=1e-3, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, attach_to_engine(engine, profile)
 

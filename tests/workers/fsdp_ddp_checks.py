@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pma_dist.torch_parallel import OPTIMIZERS, init_process_group, setup
+from pma_dist.methods import METHODS
+from pma_dist.torch_parallel import init_process_group, setup
 
 IN_DIM, WIDTHS = 8, (6, 5, 7, 4)  # odd widths: FSDP2 pads uneven dim-0 shards
 MICRO_BATCH = 3  # rows per rank per micro-step
@@ -32,15 +33,23 @@ STEPS = 4 * PERIOD  # micro-steps: four periods
 
 PARITY_CASES = {
     # name: (optimizer, optimizer kwargs, max_grad_norm)
-    "adamw_pma_reference": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.0),
-    "adamw_pma_paper_clipped": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1,
-                                                  variant="paper"), 0.5),
+    "adamw_pma_reference": ("adamw_pma_reference", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1),
+                            0.0),
+    "adamw_pma_paper_clipped": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.5),
     "lion_pma": ("lion_pma", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
     # the fused CPU kernel on FSDP2 shards: the optimizer hands it the DTensors' local tensors
     "adamw_pma_fused": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, fused=True), 0.0),
-    "adamw_ga": ("adamw", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.0),
-    "lion_ga": ("lion", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
+    "adamw_ga": ("adamw_ga", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.0),
+    "lion_ga": ("lion_ga", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
+    # the no-accumulation baselines: an optimizer step on every micro-batch
+    "adamw": ("adamw", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1), 0.0),
+    "lion": ("lion", dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1), 0.0),
 }
+
+
+def period_of(optimizer: str) -> int:
+    """K of the run: the no-accumulation methods take only 1."""
+    return 1 if METHODS[optimizer].accumulation == "plain" else PERIOD
 
 
 def deep_linear_net(seed: int) -> nn.Module:
@@ -70,8 +79,8 @@ def full_params(model: nn.Module):
 def single_process_run(optimizer: str, kwargs: dict, max_grad_norm: float, world: int):
     """The same optimizer, no parallelism: each micro-step sees the global batch; GA accumulates loss/K."""
     model = deep_linear_net(seed=0)
-    opt = OPTIMIZERS[optimizer].build(model.parameters(), PERIOD, **kwargs)
-    accumulation = 1 if OPTIMIZERS[optimizer].uses_pma else PERIOD
+    opt = METHODS[optimizer].build(model.parameters(), period_of(optimizer), **kwargs)
+    accumulation = METHODS[optimizer].schedule(period_of(optimizer)).accumulation
     trajectory, largest_norm = [], 0.0
     for step in range(STEPS):
         x, target = global_batch(step, world)
@@ -91,7 +100,7 @@ def check_parity(backend: str, rank: int, world: int):
     results, shards = {}, None
     for name, (optimizer, kwargs, clip) in PARITY_CASES.items():
         reference, largest_norm = single_process_run(optimizer, kwargs, clip, world)
-        trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, max_grad_norm=clip)
+        trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, period_of(optimizer), max_grad_norm=clip)
         worst_abs, worst_rel, stepped = 0.0, 0.0, 0
         for step in range(STEPS):
             stepped += trainer.micro_step(local_loss_fn(step, rank, world)).optimizer_stepped
@@ -179,7 +188,7 @@ def check_errors(backend: str, rank: int, world: int, out: Path) -> dict:
     other_period = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD + 1)
     errors["load_other_period"] = _message(lambda: other_period.load(out / f"{backend}_resume_ckpt"))
     errors["load_missing"] = _message(lambda: other_period.load(out / "no_such_checkpoint"))
-    ga = setup(deep_linear_net(seed=0), backend, "adamw", dict(lr=1e-2), PERIOD)
+    ga = setup(deep_linear_net(seed=0), backend, "adamw_ga", dict(lr=1e-2), PERIOD)
     ga.micro_step(local_loss_fn(0, rank, world))
     errors["save_mid_accumulation"] = _message(lambda: ga.save(out / f"{backend}_never_written"))
     errors["mid_accumulation_dir_exists"] = (out / f"{backend}_never_written").exists()
@@ -190,6 +199,11 @@ COMM_CASES = {
     # name: (parity case whose single-process reference the run must still match, max_grad_norm)
     "pma": ("adamw_pma_paper_clipped", 0.5),
     "ga": ("adamw_ga", 0.0),
+    # every other method of the table, unclipped
+    "lion_pma": ("lion_pma", 0.0),
+    "lion_ga": ("lion_ga", 0.0),
+    "adamw": ("adamw", 0.0),
+    "lion": ("lion", 0.0),
 }
 COMM_STEPS = 2 * PERIOD
 
@@ -201,8 +215,8 @@ def check_comm(backend: str, rank: int, world: int, out: Path) -> dict:
         reference, _ = single_process_run(optimizer, kwargs, clip, world)
         # the PMA run also writes rank 0's run report (report.json), as train.py's runs do
         profile = {"enabled": True, "output_dir": str(out / f"comm_{name}"), "report": name == "pma"}
-        trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, PERIOD, max_grad_norm=clip,
-                        comm_profile=profile)
+        trainer = setup(deep_linear_net(seed=0), backend, optimizer, kwargs, period_of(optimizer),
+                        max_grad_norm=clip, comm_profile=profile)
         for step in range(COMM_STEPS):
             trainer.micro_step(local_loss_fn(step, rank, world))
         trainer.close()
