@@ -27,5 +27,5 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["pma-dist=pma_dist.cli:main"]},
+    entry_points={"console_scripts": ["pma-dist=pma_dist.comm.cli:main"]},
 )

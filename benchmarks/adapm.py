@@ -8,7 +8,7 @@ Tasks:
   token = UTF-8 byte). The last 5% of the file is held out for evaluation.
 * ``sft``: supervised fine-tuning of the pretrained stories260K Llama
   (``../shared/data/models/stories260K``) on ``../shared/data/sft/alpaca_mix_train.jsonl`` (loss on
-  response tokens only, at most 128 tokens per record; ``pma_dist.posttrain.data`` tokenises, holds
+  response tokens only, at most 128 tokens per record; ``recipes.posttrain.data`` tokenises, holds
   out 64 records and orders the batches).
 
 Optimizers: ``torch.optim.AdamW`` and ``pma_dist.AdaPM`` (paper settings: rank 5%, T = 100,
@@ -42,8 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pma_dist import AdaPM  # noqa: E402
-from pma_dist.posttrain import data as sft_data  # noqa: E402
-from pma_dist.posttrain.losses import sft_loss  # noqa: E402
+from recipes.posttrain import data as sft_data  # noqa: E402
+from recipes.posttrain.losses import sft_loss  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0

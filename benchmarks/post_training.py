@@ -37,15 +37,11 @@ from statistics import mean
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pma_dist.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
+from pma_dist.methods import get_method  # noqa: E402
+from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
 
-METHODS = {  # name -> (train.py --optimizer, extra flags, family, is_pma)
-    "adamw_pma_ref": ("adamw_pma", ["--variant", "reference"], "adamw", True),
-    "adamw_pma_paper": ("adamw_pma", ["--variant", "paper"], "adamw", True),
-    "lion_pma": ("lion_pma", [], "lion", True),
-    "adamw_ga": ("adamw", [], "adamw", False),
-    "lion_ga": ("lion", [], "lion", False),
-}
+# the methods compared here, by their pma_dist.methods names (train.py --optimizer)
+METHODS = ("adamw_pma_reference", "adamw_pma", "lion_pma", "adamw_ga", "lion_ga")
 SHARED = REPO.parent / "shared" / "data"
 TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
     "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
@@ -121,8 +117,7 @@ def summary(out: Path, rid: str):
 
 def train_argv(args, out: Path, task, method, period, lr, seed):
     kind, data_file, micro_batch, _ = TASKS[task]
-    optimizer, extra, _, _ = METHODS[method]
-    return ["--task", kind, "--model", args.model, "--train-data", str(data_file), "--optimizer", optimizer, *extra,
+    return ["--task", kind, "--model", args.model, "--train-data", str(data_file), "--optimizer", method,
             "--period", str(period), "--lr", repr(lr), "--seed", str(seed),
             "--micro-batch-size", str(micro_batch), "--micro-steps", str(args.micro_steps),
             "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
@@ -133,7 +128,7 @@ def train_argv(args, out: Path, task, method, period, lr, seed):
 
 def lr_grid(args, task, method):
     grid = args.grids[task]
-    return grid[METHODS[method][2]] if grid is not None else None
+    return grid[get_method(method).family] if grid is not None else None
 
 
 def best_lr(out: Path, task, method, period, seed, grid):
@@ -163,7 +158,7 @@ def plan_stage_b(args, out, task):
     return runs
 
 
-STEP_COST_METHODS = ("adamw_pma_ref", "adamw_ga", "lion_pma", "lion_ga")
+STEP_COST_METHODS = ("adamw_pma_reference", "adamw_ga", "lion_pma", "lion_ga")
 
 
 def step_cost_runs(args):
@@ -184,7 +179,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from pma_dist import distributed
-    from pma_dist.posttrain import config, trainer
+    from recipes.posttrain import config, trainer
 
     out = Path(args.out)
     if args.step_cost:
@@ -236,10 +231,10 @@ def report(args) -> dict:
             for m in args.methods:
                 grid = lr_grid(args, source, m)
                 best[m] = best_lr(out, source, m, k, args.seeds[0], grid)
-            for m, (_, _, family, is_pma) in METHODS.items():
-                if not is_pma or m not in args.methods:
+            for m in METHODS:
+                if not get_method(m).is_pma or m not in args.methods:
                     continue
-                ga = f"{family}_ga"
+                ga = f"{get_method(m).family}_ga"
                 if best.get(m) is None or best.get(ga) is None:
                     continue
                 per_seed = []
@@ -329,7 +324,7 @@ def markdown(result) -> str:
 
 
 def plots(args, out: Path, result) -> None:
-    from pma_dist.posttrain.plots import plot_loss_vs_time, plot_update_variance
+    from recipes.posttrain.plots import plot_loss_vs_time, plot_update_variance
 
     for task in args.tasks:
         for k in args.periods:

@@ -1,6 +1,6 @@
 """Write every DeepSpeed config in this folder from one table (run: ``python ds_configs/generate.py``).
 
-The JSON files are committed so users can point ``--deepspeed`` at them; ``tests/test_deepspeed_configs.py``
+The JSON files are committed so users can point ``--deepspeed`` at them; ``tests/test_deepspeed_unit.py``
 fails when a file drifts from what this script writes, so edit the table here, not the JSON.
 
 Choices shared by all configs (see README.md in this folder and docs/deepspeed.md):
@@ -15,31 +15,34 @@ Choices shared by all configs (see README.md in this folder and docs/deepspeed.m
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from pma_dist.methods import get_method  # noqa: E402
 PERIOD = 8
 MICRO_BATCH = 4
 LR = 2e-6
 CLIPPING = 1.0
 
-OPTIMIZERS = {
-    # name: (optimizer block, gradient_accumulation_steps)
-    "adamw_pma": ({"type": "AdamWPMA",
-                   "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "period": PERIOD,
-                              "variant": "paper"}}, 1),
-    "lion_pma": ({"type": "LionPMA",
-                  "params": {"lr": LR, "betas": [0.95, 0.98], "weight_decay": 0.0, "period": PERIOD}}, 1),
-    # torch_adam: torch.optim.AdamW, the same kind of (foreach) implementation as AdamWPMA and no JIT build;
-    # drop it on GPU to use DeepSpeed's FusedAdam.
-    "adamw_ga": ({"type": "AdamW",
-                  "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True}},
-                 PERIOD),
-    # LionPMA with period 1 is Lion bit for bit and runs on every device (DeepSpeed's "Lion" is
-    # FusedLion, CUDA only; with offload_optimizer it becomes DeepSpeedCPULion).
-    "lion_ga": ({"type": "LionPMA",
-                 "params": {"lr": LR, "betas": [0.95, 0.98], "weight_decay": 0.0, "period": 1}}, PERIOD),
+# Paper hyper-parameters per optimizer family; the optimizer block and the accumulation of each method come
+# from pma_dist.methods (AdamW baselines: torch.optim.AdamW through "torch_adam", no JIT build; drop it on
+# GPU for DeepSpeed's FusedAdam. Lion baselines: LionPMA with period 1, Lion bit for bit on every device,
+# where DeepSpeed's "Lion" is FusedLion, CUDA only).
+HYPER = {
+    "adamw": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0},
+    "lion": {"lr": LR, "betas": [0.95, 0.98], "weight_decay": 0.0},
 }
+SHIPPED_METHODS = ("adamw_pma", "lion_pma", "adamw_ga", "lion_ga")
+
+
+def method_block(name: str) -> dict:
+    """``optimizer`` and ``gradient_accumulation_steps`` of a shipped method at K = PERIOD."""
+    method = get_method(name)
+    return method.deepspeed_config(PERIOD, HYPER[method.family])
+
 
 ZERO = {
     0: {"stage": 0},
@@ -55,15 +58,15 @@ OFFLOAD = {"device": "cpu", "pin_memory": True}
 
 
 def config(stage: int, optimizer: str, precision: str, offload: bool = False) -> dict:
-    opt_block, ga = OPTIMIZERS[optimizer]
+    block = method_block(optimizer)
     zero = dict(ZERO[stage])
     if offload:
         zero["offload_optimizer"] = dict(OFFLOAD)
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": ga,
+        "gradient_accumulation_steps": block["gradient_accumulation_steps"],
         "gradient_clipping": CLIPPING,
-        "optimizer": json.loads(json.dumps(opt_block)),
+        "optimizer": block["optimizer"],
         "zero_optimization": zero,
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
@@ -93,7 +96,7 @@ def all_configs() -> dict:
     """File name -> config dict, for every file this folder ships."""
     files = {}
     for stage in ZERO:
-        for optimizer in OPTIMIZERS:
+        for optimizer in SHIPPED_METHODS:
             for precision in ("fp32", "bf16"):
                 files[f"zero{stage}_{optimizer}_{precision}.json"] = config(stage, optimizer, precision)
     for stage in (2, 3):

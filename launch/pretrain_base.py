@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def main(argv=None) -> int:
     from pma_dist import distributed
-    from pma_dist.posttrain import pretrain
-    from pma_dist.posttrain.config import ConfigError
+    from recipes.posttrain import pretrain
+    from recipes.posttrain.config import ConfigError
 
     distributed.setup_env_from_mpi()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pma_dist.posttrain.config import DEFAULT_DATA, DEFAULT_MODEL, FALLBACK  # noqa: E402
-from pma_dist.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
+from recipes.posttrain.config import DEFAULT_DATA, DEFAULT_MODEL, FALLBACK  # noqa: E402
+from pma_dist.methods import get_method  # noqa: E402
+from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--period", type=int, default=8, help="K: PMA period = GA accumulation steps")
     p.add_argument("--lr", type=float, default=3e-3)
     # the variant that beat GA in docs/BENCHMARKS.md (the reference variant did not)
-    p.add_argument("--variant", choices=("paper", "reference"), default="paper", help="AdamW-PMA variant")
+    p.add_argument("--pma-method", choices=("adamw_pma", "adamw_pma_reference"), default="adamw_pma",
+                   help="the AdamW-PMA variant to run (pma_dist.methods)")
     p.add_argument("--micro-steps", type=int, default=96)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128)
@@ -77,8 +79,6 @@ def train(args, name: str, optimizer: str, model: str, data, out: Path) -> dict:
            "--variance-window", "3", "--comm-profile", str(run_dir / "comm"), "--output-dir", str(run_dir)]
     if data:
         cmd += ["--train-data", data]
-    if optimizer == "adamw_pma":
-        cmd += ["--variant", args.variant]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print(f"\n=== {name}: {' '.join(cmd)}\n", flush=True)
@@ -97,15 +97,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, data, label = choose_inputs(args)
     k = args.period
-    runs = {"adamw_pma": train(args, "adamw_pma", "adamw_pma", model, data, out),
-            "adamw_ga": train(args, "adamw_ga", "adamw", model, data, out)}
+    runs = {"adamw_pma": train(args, "adamw_pma", args.pma_method, model, data, out),
+            "adamw_ga": train(args, "adamw_ga", "adamw_ga", model, data, out)}
+    pma_name, ga_name = get_method(args.pma_method).display, get_method("adamw_ga").display
 
     from pma_dist.comm.report import write_run_report
-    from pma_dist.posttrain.plots import plot_loss_vs_time, plot_update_variance
+    from recipes.posttrain.plots import plot_loss_vs_time, plot_update_variance
 
-    metrics = {f"AdamW-PMA ({args.variant}) K={k}": out / "adamw_pma" / "metrics.jsonl",
-               f"AdamW GA K={k}": out / "adamw_ga" / "metrics.jsonl"}
-    plot_loss_vs_time(metrics, out / "loss_vs_time.png", title=f"{label}: AdamW-PMA vs AdamW GA (K={k}, 2 CPU ranks)")
+    metrics = {f"{pma_name} K={k}": out / "adamw_pma" / "metrics.jsonl",
+               f"{ga_name} K={k}": out / "adamw_ga" / "metrics.jsonl"}
+    plot_loss_vs_time(metrics, out / "loss_vs_time.png", title=f"{label}: {pma_name} vs {ga_name} (K={k}, 2 CPU ranks)")
     plot_update_variance(metrics, out / "update_variance.png", title=f"{label}: last-layer update variance")
     write_run_report(out / "adamw_pma" / "comm", baseline_dir=out / "adamw_ga" / "comm",
                      output_dir=out / "comm_report", period=k)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     target = runs["adamw_ga"]["eval_loss"]
     hit = time_to_target(read_metrics(out / "adamw_pma" / "metrics.jsonl", "eval"), target)
     result = {"inputs": label, "fallback": runs["adamw_pma"]["fallback"], "period": k, "lr": args.lr,
-              "variant": args.variant,
+              "pma_method": args.pma_method,
               "ga_final_eval_loss": target, "pma_final_eval_loss": runs["adamw_pma"]["eval_loss"],
               "ga_wall_clock": runs["adamw_ga"]["wall_clock"], "pma_wall_clock": runs["adamw_pma"]["wall_clock"],
               "pma_time_to_ga_loss": hit[0] if hit else None, "pma_samples_to_ga_loss": hit[1] if hit else None,

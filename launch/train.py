@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def main(argv=None) -> int:
     from pma_dist import distributed
-    from pma_dist.posttrain import checkpoints, config, data
+    from recipes.posttrain import checkpoints, config, data
 
     distributed.setup_env_from_mpi()
     try:
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pma_dist.posttrain import trainer
+    from recipes.posttrain import trainer
 
     try:
         trainer.run(cfg)

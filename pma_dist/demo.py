@@ -1,7 +1,8 @@
 """A one-minute, single-process look at PMA vs gradient accumulation: ``python -m pma_dist.demo``.
 
 A small MLP regresses a fixed random teacher from noisy micro-batches. Every optimizer sees the same
-micro-batches in the same order; GA runs step once per K micro-batches, PMA runs step on every one.
+micro-batches in the same order; GA runs step once per K micro-batches, PMA runs and plain AdamW step
+on every one.
 No data files, no network. For the real distributed job see ``launch/quickstart.py``.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from . import AdamWPMA
+from .methods import get_method
 
 
 def make_task(seed: int, dim: int = 16, noise: float = 1.0):
@@ -32,22 +33,23 @@ def make_task(seed: int, dim: int = 16, noise: float = 1.0):
 
 
 def train(method: str, lr: float, period: int, micro_steps: int, micro_batch: int, seed: int) -> list:
+    """Eval MSE after every K micro-steps of ``method`` (a name of :mod:`pma_dist.methods`)."""
     batch, (x_eval, y_eval), dim = make_task(seed)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-    if method == "adamw_ga":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    else:
-        opt = AdamWPMA(model.parameters(), lr=lr, weight_decay=0.0, period=period, variant=method.split("_")[-1])
+    chosen = get_method(method)
+    k = 1 if chosen.accumulation == "plain" else period
+    schedule = chosen.schedule(k)
+    opt = chosen.build(model.parameters(), k, lr=lr, weight_decay=0.0)
     curve = []
-    for step in range(1, micro_steps + 1):
-        x, y = batch(step, micro_batch)
+    for i in range(micro_steps):
+        x, y = batch(i + 1, micro_batch)
         loss = torch.nn.functional.mse_loss(model(x), y)
-        (loss / period if method == "adamw_ga" else loss).backward()
-        if method != "adamw_ga" or step % period == 0:
+        (loss / schedule.accumulation).backward()
+        if schedule.steps_optimizer(i):
             opt.step()
             opt.zero_grad()
-        if step % period == 0:
+        if (i + 1) % period == 0:  # the comparison's unit: every K micro-batches, whatever the method
             with torch.no_grad():
                 curve.append(torch.nn.functional.mse_loss(model(x_eval), y_eval).item())
     return curve
@@ -64,10 +66,10 @@ def main(argv=None) -> None:
         parser.error(f"need period >= 1, micro-steps >= period, micro-batch >= 1, seeds >= 1; got {vars(args)}")
 
     lrs = [1e-3, 3e-3, 1e-2]
-    methods = ["adamw_ga", "adamw_pma_reference", "adamw_pma_paper"]
+    methods = ["adamw_ga", "adamw", "adamw_pma_reference", "adamw_pma"]
     print(f"MLP teacher regression, K={args.period}, micro-batch {args.micro_batch}, {args.micro_steps} micro-steps, "
           f"{args.seeds} seeds; eval MSE (noise floor 1.0) after the last micro-step, best lr per method\n")
-    print(f"{'method':<22}{'best lr':>9}{'final eval MSE':>16}{'  (all lrs)':<10}")
+    print(f"{'method':<26}{'best lr':>9}{'final eval MSE':>16}{'  (all lrs)':<10}")
     start = time.perf_counter()
     for method in methods:
         finals = {}
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
             finals[lr] = sum(runs) / len(runs)
         best = min(finals, key=finals.get)
         sweep = "  ".join(f"{lr:g}:{v:.3f}" for lr, v in finals.items())
-        print(f"{method:<22}{best:>9g}{finals[best]:>16.4f}  {sweep}")
+        print(f"{get_method(method).display:<26}{best:>9g}{finals[best]:>16.4f}  {sweep}")
     print(f"\n({time.perf_counter() - start:.1f} s)")
 
 

@@ -15,7 +15,7 @@ def test_grid_flags_replace_one_family_of_one_task():
     assert args.grids["sft_alpaca"]["lion"] == [1e-4]
     assert args.grids["sft_gsm8k"] is None  # reuses alpaca's best lrs
     assert bench.TASKS["dpo_hh"][3]["adamw"] == [3e-5, 1e-4, 3e-4, 1e-3]  # the built-in table is not modified
-    assert bench.lr_grid(args, "dpo_hh", "adamw_pma_paper") == [3e-5, 1e-4]
+    assert bench.lr_grid(args, "dpo_hh", "adamw_pma") == [3e-5, 1e-4]
     assert bench.lr_grid(args, "dpo_hh", "lion_ga") == bench.TASKS["dpo_hh"][3]["lion"]
 
 
@@ -34,10 +34,10 @@ def test_bad_grid_flags_are_named(capsys, grid, message):
 
 def test_every_job_starts_from_the_chosen_model(tmp_path):
     args = bench.parse_args(["--model", "runs/base_3m"])
-    argv = bench.train_argv(args, tmp_path, "sft_alpaca", "adamw_pma_paper", 8, 1e-3, 1)
+    argv = bench.train_argv(args, tmp_path, "sft_alpaca", "adamw_pma", 8, 1e-3, 1)
     assert argv[argv.index("--model") + 1] == "runs/base_3m"
-    assert argv[argv.index("--variant") + 1] == "paper" and argv[argv.index("--period") + 1] == "8"
-    assert argv[argv.index("--output-dir") + 1] == str(tmp_path / "sft_alpaca__adamw_pma_paper__K8__lr0.001__s1")
+    assert argv[argv.index("--optimizer") + 1] == "adamw_pma" and argv[argv.index("--period") + 1] == "8"
+    assert argv[argv.index("--output-dir") + 1] == str(tmp_path / "sft_alpaca__adamw_pma__K8__lr0.001__s1")
 
 
 def _fake_run(out, rid, evals, samples_per_eval, seconds_per_eval):
@@ -51,14 +51,14 @@ def _fake_run(out, rid, evals, samples_per_eval, seconds_per_eval):
 
 
 def test_report_picks_best_lr_and_measures_time_to_the_ga_loss(tmp_path):
-    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--methods", "adamw_pma_paper",
+    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--methods", "adamw_pma",
                              "adamw_ga", "--periods", "8", "--seeds", "0", "--grid", "sft_alpaca", "adamw", "1e-3",
                              "3e-3"])
     rid = lambda m, lr: bench.run_id("sft_alpaca", m, 8, lr, 0)  # noqa: E731
     _fake_run(tmp_path, rid("adamw_ga", 1e-3), [4.0, 3.5, 3.0], 100, 10.0)        # GA best: 3.0 at 200 samples
     _fake_run(tmp_path, rid("adamw_ga", 3e-3), [4.0, 3.8, 3.4], 100, 10.0)
-    _fake_run(tmp_path, rid("adamw_pma_paper", 1e-3), [4.0, 3.3, 2.9], 100, 20.0)
-    _fake_run(tmp_path, rid("adamw_pma_paper", 3e-3), [4.0, 3.5, 2.5], 100, 20.0)  # PMA best: 2.5
+    _fake_run(tmp_path, rid("adamw_pma", 1e-3), [4.0, 3.3, 2.9], 100, 20.0)
+    _fake_run(tmp_path, rid("adamw_pma", 3e-3), [4.0, 3.5, 2.5], 100, 20.0)  # PMA best: 2.5
     result = bench.report(args)
     (comparison,) = result["comparisons"]
     assert (comparison["pma_lr"], comparison["ga_lr"]) == (3e-3, 1e-3)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pma_dist import cli
+from pma_dist.comm import cli
 from pma_dist.comm import model
 from pma_dist.comm.topology import load_topology
 from tests.launching import REPO, rank_env, run_ranks
@@ -69,7 +69,7 @@ def test_cli_report_ratios_match_the_model(ds_runs, tmp_path, capsys):
 @pytest.mark.slow
 def test_bandwidth_benchmark_writes_a_calibration_the_report_accepts(tmp_path):
     calib = tmp_path / "bw.json"
-    proc = subprocess.run([sys.executable, "-m", "pma_dist.cli", "bandwidth", "--nproc", "2", "--output", str(calib),
+    proc = subprocess.run([sys.executable, "-m", "pma_dist.comm.cli", "bandwidth", "--nproc", "2", "--output", str(calib),
                            "--min-bytes", "4K", "--max-bytes", "64K", "--iters", "2", "--warmup", "1"],
                           cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

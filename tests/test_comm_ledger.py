@@ -224,8 +224,10 @@ def test_every_method_measured_equals_model_through_the_json_path(matrix2, metho
     schedule = get_method(method).schedule(4)
     meta = result["ledgers"][0]["meta"]
     assert (meta["pma"], meta["gradient_accumulation_steps"]) == (schedule.is_pma, schedule.accumulation)
+    # ZeRO-1's accumulating micro-steps send nothing, so only the others have records
     kinds = {r["micro_step"]: r["pma_kind"] for r in result["ledgers"][0]["records"]}
-    assert kinds == {i: schedule.kind(i) for i in range(8)}
+    assert kinds == {i: schedule.kind(i) for i in kinds}
+    assert set(kinds) >= {i for i in range(8) if schedule.steps_optimizer(i)}
     reduces = {r["micro_step"] for r in result["ledgers"][0]["records"] if r["op"] == "all_reduce" and r["bytes"] > 8}
     assert reduces == {i for i in range(8) if schedule.steps_optimizer(i)}
 

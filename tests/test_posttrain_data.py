@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from pma_dist.posttrain import checkpoints, data, fallback
-from pma_dist.posttrain.data import IGNORE_INDEX, DataError
+from recipes.posttrain import checkpoints, data, fallback
+from recipes.posttrain.data import IGNORE_INDEX, DataError
 
 
 def _write(path, lines):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from pma_dist.posttrain.data import IGNORE_INDEX
-from pma_dist.posttrain.losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
+from recipes.posttrain.data import IGNORE_INDEX
+from recipes.posttrain.losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 
 
 def _logits_for(probabilities):

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from pma_dist.posttrain import pretrain
-from pma_dist.posttrain.config import ConfigError
+from recipes.posttrain import pretrain
+from recipes.posttrain.config import ConfigError
 from tests.launching import REPO, require_shared_data, run_ranks
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pma_dist.posttrain.config import FALLBACK, ConfigError, resolve
+from recipes.posttrain.config import FALLBACK, ConfigError, resolve
 from tests.launching import REPO, rank_env
 
 
@@ -18,8 +18,10 @@ def _json(tmp_path, config):
 def test_pma_never_accumulates_and_ga_accumulates_k():
     pma = resolve(["--optimizer", "adamw_pma", "--period", "4"])
     assert pma.ds_config["gradient_accumulation_steps"] == 1 and pma.period == 4
-    ga = resolve(["--optimizer", "adamw", "--period", "4"])
+    ga = resolve(["--optimizer", "adamw_ga", "--period", "4"])
     assert ga.ds_config["gradient_accumulation_steps"] == 4
+    plain = resolve(["--optimizer", "adamw"])
+    assert plain.ds_config["gradient_accumulation_steps"] == 1 and plain.period == 1 and not plain.is_pma
     assert ga.micro_batch_size == pma.micro_batch_size  # same micro-batch for the comparison
     assert ga.ds_config["gradient_clipping"] == 0.0  # DeepSpeed's default 1.0 is overridden
 
@@ -30,22 +32,37 @@ def test_precedence_defaults_then_json_then_cli(tmp_path):
                                                                          "variant": "paper"}}})
     cfg = resolve(["--deepspeed", path])
     assert (cfg.optimizer, cfg.period, cfg.micro_batch_size) == ("adamw_pma", 6, 3)
-    assert cfg.optimizer_params["lr"] == 5e-4 and cfg.optimizer_params["variant"] == "paper"
+    assert cfg.optimizer_params["lr"] == 5e-4 and cfg.method.variant == "paper"
+    assert "variant" not in cfg.optimizer_params and "period" not in cfg.optimizer_params
     assert cfg.ds_config["gradient_clipping"] == 1.0 and "train_batch_size" not in cfg.ds_config
     cfg = resolve(["--deepspeed", path, "--lr", "1e-3", "--period", "2", "--micro-batch-size", "5",
                    "--gradient-clipping", "0"])
     assert (cfg.period, cfg.micro_batch_size, cfg.optimizer_params["lr"]) == (2, 5, 1e-3)
     assert cfg.ds_config["gradient_clipping"] == 0.0
     # switching optimizer on the command line drops the JSON's params of the other optimizer
-    cfg = resolve(["--deepspeed", path, "--optimizer", "lion", "--micro-steps", "12"])
+    cfg = resolve(["--deepspeed", path, "--optimizer", "lion_ga", "--micro-steps", "12"])
     assert cfg.optimizer_params == {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0}
     assert cfg.period == 6 and cfg.ds_config["gradient_accumulation_steps"] == 6  # K kept from the JSON
+
+
+@pytest.mark.parametrize("block, ga, method, period", [
+    ({"type": "AdamWPMA", "params": {"period": 4, "variant": "reference"}}, 1, "adamw_pma_reference", 4),
+    ({"type": "AdamWPMA", "params": {"period": 4}}, 1, "adamw_pma", 4),
+    ({"type": "LionPMA", "params": {"period": 4}}, 1, "lion_pma", 4),
+    ({"type": "LionPMA", "params": {"period": 1}}, 4, "lion_ga", 4),
+    ({"type": "LionPMA", "params": {"period": 1}}, 1, "lion", 1),
+    ({"type": "AdamW", "params": {}}, 1, "adamw", 1),
+    ({"type": "AdamW", "params": {}}, 8, "adamw_ga", 8),
+])
+def test_json_optimizer_block_names_one_method(tmp_path, block, ga, method, period):
+    cfg = resolve(["--deepspeed", _json(tmp_path, {"gradient_accumulation_steps": ga, "optimizer": block})])
+    assert (cfg.optimizer, cfg.period, cfg.ds_config["gradient_accumulation_steps"]) == (method, period, ga)
 
 
 def test_ga_config_period_comes_from_gradient_accumulation(tmp_path):
     path = _json(tmp_path, {"gradient_accumulation_steps": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     cfg = resolve(["--deepspeed", path])
-    assert (cfg.optimizer, cfg.period, cfg.ds_config["gradient_accumulation_steps"]) == ("adamw", 4, 4)
+    assert (cfg.optimizer, cfg.period, cfg.ds_config["gradient_accumulation_steps"]) == ("adamw_ga", 4, 4)
     # --optimizer on the command line turns the same file into a PMA run: no accumulation
     cfg = resolve(["--deepspeed", path, "--optimizer", "adamw_pma"])
     assert (cfg.period, cfg.ds_config["gradient_accumulation_steps"]) == (4, 1)
@@ -59,12 +76,14 @@ def test_ga_config_period_comes_from_gradient_accumulation(tmp_path):
     (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
     (["--lr", "0"], "learning rate must be > 0, got lr=0"),
     (["--beta", "0", "--task", "dpo"], "--beta (DPO) must be > 0, got 0"),
-    (["--optimizer", "adamw", "--period", "4", "--micro-steps", "10"],
+    (["--optimizer", "adamw_ga", "--period", "4", "--micro-steps", "10"],
      "--micro-steps 10 is not a multiple of K=4"),
-    (["--optimizer", "lion", "--period", "4", "--save-every", "6"], "--save-every 6 is not a multiple of K=4"),
+    (["--optimizer", "lion_ga", "--period", "4", "--save-every", "6"], "--save-every 6 is not a multiple of K=4"),
+    (["--optimizer", "adamw", "--period", "4"],
+     "--period 4 with --optimizer adamw: it steps on every micro-batch (no accumulation); for gradient "
+     "accumulation over 4 micro-batches use --optimizer adamw_ga"),
     (["--period", "4", "--save-every", "6", "--micro-steps", "12"],
      "--save-every 6 must be a multiple of the train-log interval 4"),
-    (["--optimizer", "lion_pma", "--variant", "paper"], "--variant paper applies only to --optimizer adamw_pma"),
     (["--backend", "fsdp", "--deepspeed", "ds.json"],
      "--deepspeed ds.json is a DeepSpeed setting, but --backend is fsdp"),
     (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed config not found: /nonexistent/ds.json"),
@@ -90,7 +109,7 @@ def test_bad_json_configs(tmp_path):
 def test_fallback_is_explicit_or_when_nothing_is_found(monkeypatch):
     cfg = resolve(["--model", FALLBACK])
     assert cfg.fallback and cfg.train_data == FALLBACK
-    import pma_dist.posttrain.config as config
+    import recipes.posttrain.config as config
 
     monkeypatch.setattr(config, "DEFAULT_MODEL", config.REPO / "no-such-model-dir")
     assert resolve([]).fallback and resolve([]).model == FALLBACK

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pma_dist.posttrain.metrics import read_metrics
+from recipes.posttrain.metrics import read_metrics
 from tests.launching import require_shared_data, run_ranks
 
 pytestmark = pytest.mark.slow

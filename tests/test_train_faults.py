@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pma_dist.posttrain.metrics import read_metrics
+from recipes.posttrain.metrics import read_metrics
 from tests.launching import REPO, free_port, launcher_command, rank_env, require_shared_data, run_ranks
 
 pytestmark = pytest.mark.slow

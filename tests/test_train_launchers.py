@@ -1,7 +1,7 @@
 """launch/train.py under torchrun and mpirun (the deepspeed launcher is covered by the other modules)."""
 import pytest
 
-from pma_dist.posttrain.metrics import read_metrics
+from recipes.posttrain.metrics import read_metrics
 from tests.launching import REPO, run_ranks
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from pma_dist.posttrain.config import ConfigError, resolve
-from pma_dist.posttrain.metrics import read_metrics
+from recipes.posttrain.config import ConfigError, resolve
+from recipes.posttrain.metrics import read_metrics
 from tests.launching import run_ranks
 
 
@@ -119,7 +119,7 @@ def test_deepspeed_only_flags_are_refused_for_torch_backends(argv, message):
 
 
 def test_torch_backend_config_keeps_k_and_marks_dcp_checkpoints():
-    cfg = resolve(["--backend", "ddp", "--optimizer", "adamw", "--period", "4", "--micro-steps", "8",
+    cfg = resolve(["--backend", "ddp", "--optimizer", "adamw_ga", "--period", "4", "--micro-steps", "8",
                    "--gradient-clipping", "0.5", "--model", "builtin-fallback"])
     assert (cfg.period, cfg.ds_config["gradient_clipping"], cfg.identity()["checkpoint_format"]) == (4, 0.5, "dcp")
     assert resolve(["--model", "builtin-fallback"]).identity()["checkpoint_format"] == "deepspeed"

@@ -9,7 +9,7 @@ them as JSON that ``--topology FILE`` reads (:func:`pma_dist.comm.topology.load_
 
 Run it on the machine you will train on, with the launcher you will use::
 
-    torchrun --nproc_per_node=8 -m pma_dist.cli bandwidth --output bw.json
+    torchrun --nproc_per_node=8 -m pma_dist.comm.cli bandwidth --output bw.json
     pma-dist bandwidth --nproc 2 --output bw.json     # starts torchrun itself on this host
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The few operations the post-training loop needs from a data-parallel backend, for DeepSpeed and FSDP2/DDP.
 
-The loop (:mod:`pma_dist.posttrain.trainer`) only ever: runs one training micro-step
+The loop (:mod:`recipes.posttrain.trainer`) only ever: runs one training micro-step
 (:meth:`micro_step`: forward, backward, and the optimizer step when it is due), reads the bare
 module for evaluation, switches train/eval mode, counts optimizer steps, saves and loads a checkpoint
 tag, and releases the backend. :class:`DeepSpeedBackend` maps these onto a DeepSpeed engine;

@@ -1,9 +1,10 @@
 """Command line and DeepSpeed config of the post-training job, resolved before any work starts.
 
 Precedence, lowest to highest: built-in defaults < the ``--deepspeed`` JSON file < explicit command
-line flags. ``--optimizer`` decides the accumulation: the PMA optimizers step on every micro-batch
-(``gradient_accumulation_steps = 1``, ``period = K``); the GA baselines accumulate K micro-batches
-(``gradient_accumulation_steps = K``). Everything invalid raises :class:`ConfigError` naming the
+line flags. ``--optimizer`` names a training method of :mod:`pma_dist.methods`, which decides the
+accumulation: the PMA optimizers step on every micro-batch (``gradient_accumulation_steps = 1``,
+``period = K``); the GA baselines accumulate K micro-batches (``gradient_accumulation_steps = K``); the
+no-accumulation baselines step on every micro-batch with K = 1. Everything invalid raises :class:`ConfigError` naming the
 flag or config key and its value.
 """
 from __future__ import annotations
@@ -15,17 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from pma_dist.methods import METHODS, Method, get_method
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 FALLBACK = "builtin-fallback"
 
-OPTIMIZERS = ("adamw_pma", "lion_pma", "adamw", "lion")
-PMA_OPTIMIZERS = ("adamw_pma", "lion_pma")
-DS_TYPE_TO_OPTIMIZER = {"adamwpma": "adamw_pma", "lionpma": "lion_pma", "adamw": "adamw", "lion": "lion"}
-OPTIMIZER_DEFAULTS = {
-    "adamw_pma": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+DS_TYPES = ("adamwpma", "lionpma", "adamw", "lion")  # optimizer.type values train.py maps onto a method
+FAMILY_DEFAULTS = {
     "adamw": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
-    "lion_pma": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
     "lion": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0},
 }
 DEFAULT_DATA = {"sft": SHARED_DATA / "sft" / "alpaca_mix_train.jsonl",
@@ -64,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with records longer than --max-length (always counted and reported)")
     p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (--backend deepspeed only)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
-    p.add_argument("--period", type=int, default=None, help="K: PMA period, or GA steps for adamw/lion")
-    p.add_argument("--variant", choices=("reference", "paper"), default=None, help="AdamW-PMA variant")
+    p.add_argument("--optimizer", choices=tuple(METHODS), default=None,
+                   help="training method (pma_dist.methods): PMA, gradient accumulation (_ga) or none (adamw, lion)")
+    p.add_argument("--period", type=int, default=None,
+                   help="K: PMA period, or the micro-batches adamw_ga/lion_ga accumulate")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--betas", type=float, nargs=2, default=None)
     p.add_argument("--eps", type=float, default=None)
@@ -115,8 +115,16 @@ class TrainConfig:
     log_every: int
 
     @property
+    def method(self) -> Method:
+        return get_method(self.optimizer)
+
+    @property
+    def schedule(self):
+        return self.method.schedule(self.period)
+
+    @property
     def is_pma(self) -> bool:
-        return self.optimizer in PMA_OPTIMIZERS
+        return self.method.is_pma
 
     @property
     def micro_batch_size(self) -> int:
@@ -172,6 +180,16 @@ def _check_torch_backend_flags(args: argparse.Namespace) -> None:
                           f"for checkpoints you wrote")
 
 
+def _method_of_json(ds_type: str, params: dict, gradient_accumulation: Optional[int]) -> Method:
+    """The training method a DeepSpeed ``optimizer`` block describes."""
+    if ds_type == "adamwpma":
+        return get_method("adamw_pma_reference" if params.get("variant") == "reference" else "adamw_pma")
+    if ds_type == "lionpma" and params.get("period", 8) != 1:
+        return get_method("lion_pma")
+    family = "lion" if ds_type in ("lionpma", "lion") else "adamw"
+    return get_method(f"{family}_ga" if gradient_accumulation else family)
+
+
 def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     for name in ("micro_steps", "eval_size", "max_length", "eval_batch_size", "variance_window"):
@@ -192,40 +210,45 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
 
     user_opt = user.get("optimizer", {}) or {}
     user_type = str(user_opt.get("type", "")).lower()
-    if user_type and user_type not in DS_TYPE_TO_OPTIMIZER:
+    if user_type and user_type not in DS_TYPES:
         raise ConfigError(f"optimizer type {user_opt['type']!r} in {source} is not supported by train.py "
                           f"(expected AdamWPMA, LionPMA, AdamW or Lion)")
-    optimizer = args.optimizer or DS_TYPE_TO_OPTIMIZER.get(user_type, "adamw_pma")
-    from_json = dict(user_opt.get("params", {})) if DS_TYPE_TO_OPTIMIZER.get(user_type) == optimizer else {}
-
+    json_params = dict(user_opt.get("params") or {})
     user_ga = user.get("gradient_accumulation_steps")
     json_ga = int(user_ga) if user_ga not in (None, "auto") and int(user_ga) > 1 else None
-    json_period = (user_opt.get("params") or {}).get("period")
+    json_method = _method_of_json(user_type, json_params, json_ga) if user_type else None
+    method = get_method(args.optimizer) if args.optimizer else (json_method or get_method("adamw_pma"))
+    optimizer = method.name
+    from_json = json_params if json_method is not None and json_method.family == method.family else {}
+
+    json_period = json_params.get("period")
     # K keeps its meaning when --optimizer switches a GA config to PMA or back
-    if args.period is not None:
+    if method.accumulation == "plain":
+        if args.period not in (None, 1):
+            raise ConfigError(f"--period {args.period} with --optimizer {optimizer}: it steps on every micro-batch "
+                              f"(no accumulation); for gradient accumulation over {args.period} micro-batches use "
+                              f"--optimizer {method.family}_ga")
+        period = 1
+    elif args.period is not None:
         period = args.period
-    elif optimizer in PMA_OPTIMIZERS:
+    elif method.is_pma:
         period = int(json_period or json_ga or 8)
     else:
         period = int(json_ga or json_period or 8)
     _positive("period K", period)
-    if optimizer in PMA_OPTIMIZERS and args.optimizer is None and user_ga not in (None, "auto", 1):
+    if method.is_pma and args.optimizer is None and user_ga not in (None, "auto", 1):
         raise ConfigError(f"gradient_accumulation_steps={user_ga} in {source} with a PMA optimizer: PMA steps on "
                           f"every micro-batch; set it to 1 and give the period K as optimizer.params.period "
                           f"or --period")
-    ds["gradient_accumulation_steps"] = 1 if optimizer in PMA_OPTIMIZERS else period
+    ds["gradient_accumulation_steps"] = method.schedule(period).accumulation
 
-    params = dict(OPTIMIZER_DEFAULTS[optimizer])
-    params.update({k: v for k, v in from_json.items() if k != "period"})
+    params = dict(FAMILY_DEFAULTS[method.family])
+    params.update({k: v for k, v in from_json.items() if k not in ("period", "variant", "torch_adam")})
     for key, value in (("lr", args.lr), ("betas", args.betas), ("eps", args.eps),
                        ("weight_decay", args.weight_decay)):
         if value is not None:
             params[key] = list(value) if key == "betas" else value
-    if optimizer == "adamw_pma":
-        params["variant"] = args.variant or params.get("variant", "paper")
-    elif args.variant is not None:
-        raise ConfigError(f"--variant {args.variant} applies only to --optimizer adamw_pma, not {optimizer}")
-    if optimizer.startswith("lion"):
+    if method.family == "lion":
         params.pop("eps", None)
     if not float(params["lr"]) > 0:
         raise ConfigError(f"learning rate must be > 0, got lr={params['lr']}")
@@ -241,10 +264,11 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     _positive("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"])
 
     log_every = args.log_every or period
-    if optimizer not in PMA_OPTIMIZERS:
+    schedule = method.schedule(period)
+    if schedule.accumulation > 1:
         # a GA run can only stop, save or be compared at an optimizer-step boundary
         for flag, value in (("--micro-steps", args.micro_steps), ("--save-every", args.save_every)):
-            if value % period:
+            if not schedule.is_step_boundary(value):
                 raise ConfigError(f"{flag} {value} is not a multiple of K={period}: the {optimizer} baseline "
                                   f"steps once per {period} micro-batches")
     if args.save_every and args.save_every % log_every:

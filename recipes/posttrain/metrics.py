@@ -55,17 +55,17 @@ class UpdateVariance:
     squared norm of the deltas.
     """
 
-    def __init__(self, period: int, window: int):
+    def __init__(self, every: int, window: int):
         if window < 2:
             raise ValueError(f"update-variance window must be >= 2 periods, got {window}")
-        self.period = period
+        self.every = every  # micro-steps per measured update: K, or another K's to compare with its runs
         self.window = window
         self.previous: Optional[torch.Tensor] = None
         self.deltas: List[torch.Tensor] = []
 
     def due(self, micro_step: int) -> bool:
-        """Whether to snapshot after ``micro_step`` micro-steps (a period boundary)."""
-        return micro_step % self.period == 0
+        """Whether to snapshot after ``micro_step`` micro-steps (every ``every``-th)."""
+        return micro_step % self.every == 0
 
     def observe(self, weight: torch.Tensor) -> Optional[dict]:
         """Feed a snapshot of the last layer at a period boundary; returns stats when a window is full."""

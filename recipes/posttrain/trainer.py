@@ -1,9 +1,10 @@
 """The post-training loop: one micro-batch per micro-step, for PMA and GA alike, under DeepSpeed, FSDP2 or DDP.
 
-``run(cfg)`` does one whole job (load, train, evaluate, checkpoint, log) and returns a summary;
+``run(cfg)`` does one whole job (``prepare`` -> ``train_loop`` -> ``finish``: load, train, evaluate,
+checkpoint, log) and returns a summary;
 ``launch/train.py`` calls it once, ``benchmarks/post_training.py`` calls it for many runs inside
 one launch. All data, config and checkpoint problems are raised before the first training step.
-The loop talks to the backend only through :mod:`pma_dist.posttrain.backends`.
+The loop talks to the backend only through :mod:`recipes.posttrain.backends`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -97,22 +99,13 @@ def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 def make_client_optimizer(cfg: TrainConfig, parameters):
     """The optimizer object handed to ``deepspeed.initialize``, or None when the config names it.
 
-    AdamW is DeepSpeed's ``"AdamW"`` with ``torch_adam`` (``torch.optim.AdamW``); Lion is
-    ``LionPMA(period=1)``, which is Lion bit for bit (DeepSpeed's Lion is GPU-only). The PMA optimizers go
-    through the config (``pma_dist.deepspeed_integration`` registers their names) when it is
-    installed, else they are built here.
+    Every method's DeepSpeed ``optimizer`` block comes from the method table; the PMA types resolve
+    through ``pma_dist.deepspeed_integration``'s registration when it is installed, else they are built here.
     """
-    from pma_dist import AdamWPMA, LionPMA
-
-    p = dict(cfg.optimizer_params)
-    betas = tuple(p.pop("betas"))
-    if cfg.optimizer == "lion":
-        return LionPMA(parameters, betas=betas, period=1, **p)  # K = 1 is plain Lion; DeepSpeed accumulates
-    if cfg.optimizer == "adamw" or _config_knows_pma():
+    if cfg.method.deepspeed_type == "AdamW" or _config_knows_pma():
         return None
-    if cfg.optimizer == "adamw_pma":
-        return AdamWPMA(parameters, betas=betas, period=cfg.period, **p)
-    return LionPMA(parameters, betas=betas, period=cfg.period, **p)
+    params = dict(cfg.optimizer_params, betas=tuple(cfg.optimizer_params["betas"]))
+    return cfg.method.build(parameters, cfg.period, **params)
 
 
 def _config_knows_pma() -> bool:
@@ -127,11 +120,8 @@ def deepspeed_config(cfg: TrainConfig, uses_client_optimizer: bool) -> dict:
     ds = copy.deepcopy(cfg.ds_config)
     if uses_client_optimizer:
         ds.pop("optimizer", None)
-    elif cfg.optimizer == "adamw":
-        ds["optimizer"] = {"type": "AdamW", "params": dict(cfg.optimizer_params, torch_adam=True)}
     else:
-        kind = "AdamWPMA" if cfg.optimizer == "adamw_pma" else "LionPMA"
-        ds["optimizer"] = {"type": kind, "params": dict(cfg.optimizer_params, period=cfg.period)}
+        ds.update(cfg.method.deepspeed_config(cfg.period, cfg.optimizer_params))
     return ds
 
 
@@ -231,18 +221,102 @@ def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int,
 
 # ------------------------------------------------------------------------------ the job
 def run(cfg: TrainConfig) -> dict:
+    """One whole job: :func:`prepare` (every input checked, model and backend built), :func:`train_loop`,
+    :func:`finish` (final evaluation, ``summary.json``, backend released)."""
+    job = prepare(cfg)
+    return finish(job, train_loop(job))
+
+
+@dataclass
+class Job:
+    """A prepared run: its inputs, its backend, where it starts, and how it writes metrics and checkpoints."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    out: Path
+    ckpt_dir: Path
+    resume_tag: Optional[str]
+    sets: Datasets
+    order: data.MicroBatchOrder
+    pad: int
+    engine: object  # a recipes.posttrain.backends backend
+    device: torch.device
+    objective: "Objective"
+    metrics: MetricsLog
+    variance: Optional[UpdateVariance]
+    head: Optional[torch.nn.Parameter] = None  # the layer whose update variance is measured
+    start: int = 0
+    wall: float = 0.0
+
+    @property
+    def common(self) -> dict:
+        args = self.cfg.args
+        return dict(task=args.task, optimizer=self.cfg.optimizer, period=self.cfg.period, fallback=self.cfg.fallback,
+                    backend=args.backend)
+
+    @property
+    def samples_per_micro(self) -> int:
+        return self.cfg.micro_batch_size * self.world
+
+    def stamp(self, micro_step: int) -> dict:
+        return dict(micro_step=micro_step, optimizer_steps=self.engine.global_steps,
+                    samples=micro_step * self.samples_per_micro, wall_clock=round(self.wall, 4), **self.common)
+
+    def evaluate(self, micro_step: int) -> dict:
+        result = evaluate(self.engine, self.objective, self.sets.eval.examples, self.cfg, self.pad, self.device)
+        self.metrics.write(kind="eval", **self.stamp(micro_step), **result)
+        return result
+
+    def save(self, micro_step: int) -> None:
+        tag = f"micro{micro_step:08d}"
+        state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity()}
+        self.engine.save(self.ckpt_dir, tag, state)
+        dist.barrier()
+        if self.rank == 0:
+            checkpoints.write_manifest(self.ckpt_dir / tag, state)
+            checkpoints.publish(self.ckpt_dir, tag, self.cfg.args.keep_checkpoints)
+        dist.barrier()
+
+
+def _join_process_group(backend: str) -> None:
+    if dist.is_initialized():
+        return
+    if backend == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed()
+    else:
+        from pma_dist.torch_parallel import init_process_group
+
+        init_process_group()
+
+
+def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
+    """(tag, manifest state) of the checkpoint to resume, verified against this run; (None, {}) to start anew."""
+    if not cfg.args.resume:
+        return None, {}
+    tag = checkpoints.latest_tag(ckpt_dir) if ckpt_dir.exists() else None
+    if tag is None:
+        _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
+        return None, {}
+    state = checkpoints.verify(ckpt_dir / tag)
+    # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's
+    saved = dict({"checkpoint_format": "deepspeed"}, **state.get("identity", {}))
+    for key, value in cfg.identity().items():
+        if saved.get(key) != value:
+            raise checkpoints.CheckpointError(
+                f"checkpoint {ckpt_dir / tag} was written with {key}={saved.get(key)!r}, this run has "
+                f"{key}={value!r}")
+    return tag, state
+
+
+def prepare(cfg: TrainConfig) -> Job:
+    """Everything before the first training step; every problem with the inputs is raised here."""
     from deepspeed.accelerator import get_accelerator
 
     args = cfg.args
-    if not dist.is_initialized():
-        if args.backend == "deepspeed":
-            import deepspeed
-
-            deepspeed.init_distributed()
-        else:
-            from pma_dist.torch_parallel import init_process_group
-
-            init_process_group()
+    _join_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -251,28 +325,13 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.fallback or cfg.train_data == FALLBACK:
         _say(rank, fallback.FALLBACK_BANNER)
 
-    # everything that can be wrong with the inputs is found here, before any training step
-    resume_tag, resume_state = None, {}
-    if args.resume:
-        resume_tag = checkpoints.latest_tag(ckpt_dir) if ckpt_dir.exists() else None
-        if resume_tag is None:
-            _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
-        else:
-            resume_state = checkpoints.verify(ckpt_dir / resume_tag)
-            # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's
-            saved = dict({"checkpoint_format": "deepspeed"}, **resume_state.get("identity", {}))
-            for key, value in cfg.identity().items():
-                if saved.get(key) != value:
-                    raise checkpoints.CheckpointError(
-                        f"checkpoint {ckpt_dir / resume_tag} was written with {key}="
-                        f"{saved.get(key)!r}, this run has {key}={value!r}")
+    resume_tag, resume_state = _checked_resume_point(cfg, ckpt_dir, rank)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
     sets = load_datasets(cfg, tokenizer)
     _say(rank, sets.train.report())
     _say(rank, sets.eval.report())
     order = data.MicroBatchOrder(len(sets.train.examples), cfg.micro_batch_size, world, args.seed)
-    pad = pad_id(tokenizer)
 
     reference = None
     if args.task == "dpo":
@@ -282,105 +341,92 @@ def run(cfg: TrainConfig) -> dict:
     device = torch.device(get_accelerator().current_device_name())
     if reference is not None:
         reference.to(device)
-    objective = Objective(args.task, args.beta, reference)
 
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
-    start, wall = 0, 0.0
+    job = Job(cfg=cfg, rank=rank, world=world, out=out, ckpt_dir=ckpt_dir, resume_tag=resume_tag, sets=sets,
+              order=order, pad=pad_id(tokenizer), engine=engine, device=device,
+              objective=Objective(args.task, args.beta, reference),
+              metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
+              variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
+                        if args.log_update_variance else None))
     if resume_tag is not None:
         engine.load(ckpt_dir, resume_tag)
-        start, wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
-        metrics.truncate_after(start)
-        _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {start}")
+        job.start, job.wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
+        job.metrics.truncate_after(job.start)
+        _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {job.start}")
     else:
-        metrics.reset()
+        job.metrics.reset()
+    job.head = last_layer(engine.module)
+    if job.variance is not None:
+        job.variance.observe(_full_weight(job.head))
+    return job
 
-    variance = (UpdateVariance(args.variance_every or cfg.period, args.variance_window)
-                if args.log_update_variance else None)
-    head = last_layer(engine.module)
-    if variance is not None:
-        variance.observe(_full_weight(head))
 
-    samples_per_micro = cfg.micro_batch_size * world
-    common = dict(task=args.task, optimizer=cfg.optimizer, period=cfg.period, fallback=cfg.fallback,
-                  backend=args.backend)
-
-    def stamp(micro_step: int) -> dict:
-        return dict(micro_step=micro_step, optimizer_steps=engine.global_steps,
-                    samples=micro_step * samples_per_micro, wall_clock=round(wall, 4), **common)
-
-    def do_eval(micro_step: int) -> dict:
-        result = evaluate(engine, objective, sets.eval.examples, cfg, pad, device)
-        metrics.write(kind="eval", **stamp(micro_step), **result)
-        return result
-
-    def do_save(micro_step: int) -> None:
-        tag = f"micro{micro_step:08d}"
-        state = {"micro_step": micro_step, "wall_clock": wall, "identity": cfg.identity()}
-        engine.save(ckpt_dir, tag, state)
-        dist.barrier()
-        if rank == 0:
-            checkpoints.write_manifest(ckpt_dir / tag, state)
-            checkpoints.publish(ckpt_dir, tag, args.keep_checkpoints)
-        dist.barrier()
-
-    last_eval = do_eval(start) if start == 0 else None
+def train_loop(job: Job) -> Optional[dict]:
+    """Micro-steps ``job.start .. --micro-steps``: train, log, evaluate and save on schedule; the last eval."""
+    cfg, args, engine = job.cfg, job.cfg.args, job.engine
+    last_eval = job.evaluate(job.start) if job.start == 0 else None
     progress = None
-    if rank == 0 and not args.no_progress:
+    if job.rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=args.micro_steps, initial=start, desc=f"{args.task} {cfg.optimizer} K={cfg.period}",
+        progress = tqdm(total=args.micro_steps, initial=job.start, desc=f"{args.task} {cfg.optimizer} K={cfg.period}",
                         unit="micro", mininterval=2.0, dynamic_ncols=True)
     window_loss, window_n = 0.0, 0
     engine.train()
-    for micro in range(start, args.micro_steps):
+    for micro in range(job.start, args.micro_steps):
         began = time.perf_counter()
-        chunk = [sets.train.examples[i] for i in order.indices(micro, rank)]
-        batch = _to_device(data.collate(chunk, args.task, pad), device)
-        loss = engine.micro_step(lambda model: objective.loss(model, batch))
-        wall += time.perf_counter() - began
+        chunk = [job.sets.train.examples[i] for i in job.order.indices(micro, job.rank)]
+        batch = _to_device(data.collate(chunk, args.task, job.pad), job.device)
+        loss = engine.micro_step(lambda model: job.objective.loss(model, batch))
+        job.wall += time.perf_counter() - began
         window_loss += loss.item()
         window_n += 1
         done = micro + 1
         if progress is not None:
             progress.update(1)
-        if variance is not None and variance.due(done):
-            stats = variance.observe(_full_weight(head))
+        if job.variance is not None and job.variance.due(done):
+            stats = job.variance.observe(_full_weight(job.head))
             if stats is not None:
-                metrics.write(kind="update_variance", **stamp(done), train_loss=window_loss / max(window_n, 1),
-                              **stats)
+                job.metrics.write(kind="update_variance", **job.stamp(done),
+                                  train_loss=window_loss / max(window_n, 1), **stats)
         if done % cfg.log_every == 0 or done == args.micro_steps:
-            mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), device)
+            mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), job.device)
             train_loss = (mean[0] / mean[1]).item()
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train loss is {train_loss} at micro-step {done}: lower --lr")
-            metrics.write(kind="train", **stamp(done), train_loss=train_loss)
+            job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
         if (args.eval_every and done % args.eval_every == 0) or done == args.micro_steps:
-            last_eval = do_eval(done)
+            last_eval = job.evaluate(done)
         if args.save_every and (done % args.save_every == 0 or done == args.micro_steps):
-            do_save(done)
+            job.save(done)
     if progress is not None:
         progress.close()
-    if last_eval is None:
-        last_eval = do_eval(args.micro_steps)
+    return last_eval
 
-    summary = dict(common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(engine.optimizer),
-                   engine_global_steps=engine.global_steps, world_size=world,
-                   micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * samples_per_micro,
-                   wall_clock=wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
-                   variant=cfg.optimizer_params.get("variant"), model=cfg.model, train_data=cfg.train_data,
-                   train_records=len(sets.train.examples), truncated=sets.train.truncated,
-                   skipped=sets.train.skipped, resumed_from=resume_tag, **last_eval)
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    engine.release()
+
+def finish(job: Job, last_eval: Optional[dict]) -> dict:
+    """The final evaluation if the loop ran none, ``summary.json`` (rank 0), and the backend released."""
+    cfg, args = job.cfg, job.cfg.args
+    if last_eval is None:
+        last_eval = job.evaluate(args.micro_steps)
+    summary = dict(job.common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(job.engine.optimizer),
+                   engine_global_steps=job.engine.global_steps, world_size=job.world,
+                   micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * job.samples_per_micro,
+                   wall_clock=job.wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
+                   variant=cfg.method.variant, model=cfg.model, train_data=cfg.train_data,
+                   train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
+                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval)
+    if job.rank == 0:
+        (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    job.engine.release()
     return summary
 
 
 def build_backend(cfg: TrainConfig, model):
-    """The model wrapped for ``--backend``, with its optimizer (see :mod:`pma_dist.posttrain.backends`)."""
+    """The model wrapped for ``--backend``, with its optimizer (see :mod:`recipes.posttrain.backends`)."""
     if cfg.args.backend != "deepspeed":
         return build_torch_backend(cfg, model)
     import deepspeed

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed as dist  # noqa: E402
 
 from pma_dist import distributed  # noqa: E402
-from pma_dist.posttrain import config, trainer  # noqa: E402
+from recipes.posttrain import config, trainer  # noqa: E402
 
 out = Path(sys.argv[1])
 common = ["--model", "builtin-fallback", "--micro-batch-size", "4", "--max-length", "64", "--eval-size", "17",
@@ -29,7 +29,7 @@ def job(name, argv):
 
 job("fsdp_pma", pma + ["--backend", "fsdp", "--micro-steps", "8", "--log-update-variance", "--variance-window", "2"])
 job("ddp_pma", pma + ["--backend", "ddp", "--micro-steps", "8"])
-job("ddp_ga", common + ["--backend", "ddp", "--optimizer", "adamw", "--micro-steps", "8"])
+job("ddp_ga", common + ["--backend", "ddp", "--optimizer", "adamw_ga", "--micro-steps", "8"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "4"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "8", "--resume", "--trust-checkpoint"])
 job("ddp_from_fsdp", pma + ["--backend", "fsdp", "--micro-steps", "4"])

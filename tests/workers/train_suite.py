@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed as dist  # noqa: E402
 
 from pma_dist import distributed  # noqa: E402
-from pma_dist.posttrain import config, data, trainer  # noqa: E402
+from recipes.posttrain import config, data, trainer  # noqa: E402
 
 distributed.pop_local_rank_arg()  # the deepspeed launcher adds --local_rank=N
 out = Path(sys.argv[1])
@@ -32,7 +32,7 @@ def job(name, argv):
 
 job("pma", sft + ["--optimizer", "adamw_pma", "--lr", "3e-3", "--micro-steps", "16", "--save-every", "8",
                   "--log-update-variance", "--variance-window", "2"])
-job("ga", sft + ["--optimizer", "adamw", "--lr", "3e-3", "--micro-steps", "16",
+job("ga", sft + ["--optimizer", "adamw_ga", "--lr", "3e-3", "--micro-steps", "16",
                  "--log-update-variance", "--variance-every", "8", "--variance-window", "2"])
 resume = sft + ["--optimizer", "adamw_pma", "--lr", "3e-3", "--save-every", "8"]
 job("resumed", resume + ["--micro-steps", "8"])

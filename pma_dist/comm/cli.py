@@ -23,7 +23,7 @@ class CliError(Exception):
 
 
 def _report(args) -> int:
-    from .comm.report import write_run_report
+    from .report import write_run_report
 
     report = write_run_report(args.run_dir, baseline_dir=args.baseline, topology=args.topology,
                               output_dir=args.output, period=args.period, mfu=args.mfu,
@@ -42,7 +42,7 @@ def _fmt_ratio(value) -> str:
 
 
 def _project(args) -> int:
-    from .comm.projection import format_projection_markdown, project
+    from .projection import format_projection_markdown, project
 
     projection = project(args.topology, period=args.period, dtype=args.dtype, mfu=args.mfu)
     print(format_projection_markdown(projection))
@@ -56,7 +56,7 @@ def _project(args) -> int:
 
 
 def _topologies(_args) -> int:
-    from .comm.topology import PRESETS, SOURCES
+    from .topology import PRESETS, SOURCES
 
     for name, t in PRESETS.items():
         pair = f", NVLink pair {t.pair_busbw:.1f}" if t.pair_busbw else ""
@@ -73,12 +73,12 @@ def _launched() -> bool:
 
 
 def _bandwidth(args, argv: List[str]) -> int:
-    from .comm import bandwidth as bw
+    from . import bandwidth as bw
 
     ops = bw.validate_options(args.ops, args.dtype, args.iters, args.warmup)
     sizes = bw.message_sizes(bw.parse_size(args.min_bytes), bw.parse_size(args.max_bytes))
     bw.check_base_topology(args.base_topology)
-    from .distributed import run_rank, setup_env_from_mpi
+    from ..distributed import run_rank, setup_env_from_mpi
 
     setup_env_from_mpi()  # under mpirun: RANK/WORLD_SIZE/MASTER_* from MPI; no-op otherwise
     if not _launched():
@@ -87,7 +87,7 @@ def _bandwidth(args, argv: List[str]) -> int:
         # Not started by a launcher: start torchrun on this host with the same arguments.
         forwarded = _without_option(argv, "--nproc")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={args.nproc}", "-m", "pma_dist.cli"] + forwarded
+                   f"--nproc_per_node={args.nproc}", "-m", "pma_dist.comm.cli"] + forwarded
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         # the ranks must import this same pma_dist, installed or not
