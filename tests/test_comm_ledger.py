@@ -191,6 +191,21 @@ def matrix3(tmp_path_factory):
     return json.load(open(root / "out.json"))
 
 
+@pytest.fixture(scope="module")
+def zero3_partitioned(tmp_path_factory):
+    """ZeRO-3 with tensors it partitions and gathers in forward: every tensor (persistence threshold 0,
+    2 ranks), and a 125,065-element weight above the default threshold of 1e5 (3 ranks, other tensors
+    persistent)."""
+    root = tmp_path_factory.mktemp("comm_zero3_partitioned")
+    runs = {}
+    for name, nproc, extra in (("threshold0_2ranks", 2, ["--persistence-threshold", "0"]),
+                               ("wide_3ranks", 3, ["--width", "25013"])):
+        run_ranks("comm_matrix.py", [root / f"{name}.json", root / name, "--stages", "3", *extra],
+                  nproc=nproc, timeout=900)
+        runs[name] = json.load(open(root / f"{name}.json"))
+    return runs
+
+
 def assert_matches_model(result, micro_steps=None):
     for ledger in result["ledgers"]:
         assert model.compare(ledger) == [], f"rank {ledger['meta']['rank']}"
@@ -230,6 +245,25 @@ def test_every_method_measured_equals_model_through_the_json_path(matrix2, metho
     assert set(kinds) >= {i for i in range(8) if schedule.steps_optimizer(i)}
     reduces = {r["micro_step"] for r in result["ledgers"][0]["records"] if r["op"] == "all_reduce" and r["bytes"] > 8}
     assert reduces == {i for i in range(8) if schedule.steps_optimizer(i)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["threshold0_2ranks", "wide_3ranks"])
+@pytest.mark.parametrize("dtype,kind", [("fp32", "pma"), ("fp32", "ga"), ("bf16", "pma"), ("bf16", "ga")])
+def test_zero3_partitioned_parameters_measured_equals_model(zero3_partitioned, run, dtype, kind):
+    result = zero3_partitioned[run]["results"][f"z3_{dtype}_{kind}"]
+    assert_matches_model(result)
+    meta = result["ledgers"][0]["meta"]
+    setup = model.Setup.from_meta(meta)
+    persistent = model.zero3_persistent(setup)
+    # the case is what it claims: some tensor is partitioned, so forward all-gathers it
+    assert not all(persistent)
+    if run == "threshold0_2ranks":
+        assert not any(persistent) and meta["world_size"] == 2
+    else:
+        assert max(setup.param_numels) == 125_065 and meta["world_size"] == 3 and any(persistent)
+    forward = [r for r in result["ledgers"][0]["records"] if r["phase"] == "forward" and r["micro_step"] >= 2]
+    assert forward and all(r["op"] == "all_gather" for r in forward)
 
 
 @pytest.mark.slow

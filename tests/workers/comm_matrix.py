@@ -2,6 +2,7 @@
 
 Usage: comm_matrix.py OUT_JSON RUN_ROOT [--stages 0,1,2,3] [--dtypes fp32,bf16] [--kinds pma,ga]
        [--period K] [--periods P] [--clip C] [--keep-calls] [--json-config] [--extra SPEC ...]
+       [--persistence-threshold N] [--width W]
 
 For each (stage, dtype, kind) — plus each ``--extra stage:dtype:kind:K[:json]`` — it builds an engine on a small MLP whose sizes do not divide by the world
 size (so partition padding shows), attaches a ledger, runs P periods of K micro-steps, destroys the
@@ -30,9 +31,9 @@ def method_of(kind: str):
     return get_method(KIND_METHODS.get(kind, kind))
 
 
-def tiny_model(seed: int = 0) -> torch.nn.Module:
+def tiny_model(seed: int = 0, width: int = 7) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3),
+    return torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(), torch.nn.Linear(width, 3),
                                torch.nn.Tanh(), torch.nn.Linear(3, 1, bias=False))
 
 
@@ -58,7 +59,7 @@ def ds_config(stage: int, dtype: str, kind: str, period: int, world: int, clip: 
 
 def make_engine(args, stage, dtype, kind, world, run_dir, period, json_config):
     keep_calls = args.keep_calls
-    model = tiny_model()
+    model = tiny_model(width=args.width)
     config = ds_config(stage, dtype, kind, period, world, args.clip, args.persistence_threshold)
     # The JSON path also lets rank 0 write the run report when the engine is destroyed.
     profile = {"enabled": True, "output_dir": run_dir, "keep_calls": keep_calls, "report": json_config}
@@ -123,6 +124,9 @@ def main():
     parser.add_argument("--periods", type=int, default=2)
     parser.add_argument("--clip", type=float, default=0.0)
     parser.add_argument("--persistence-threshold", type=int, default=None)
+    parser.add_argument("--width", type=int, default=7,
+                        help="hidden width: 25013 puts a 125,065-element weight above ZeRO-3's default persistence "
+                             "threshold (1e5), so it is partitioned and gathered in forward")
     parser.add_argument("--keep-calls", action="store_true")
     parser.add_argument("--json-config", action="store_true")
     parser.add_argument("--extra", action="append", default=[], help="stage:dtype:kind:K[:json]")
