@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
 
 from . import functional as F
 from . import kernels
-from .schedule import VARIANTS, PMAPhase
+from .schedule import LR_DECAYS, VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
 
@@ -88,6 +88,11 @@ def _check_weight_decay(weight_decay) -> None:
 def _check_eps(eps) -> None:
     if not _as_float("eps", eps) > 0.0:
         raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
+
+
+def _check_lr_decay(lr_decay) -> None:
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"Invalid lr_decay: {lr_decay!r} (expected one of {', '.join(map(repr, LR_DECAYS))})")
 
 
 def _check_variant(variant) -> None:
@@ -242,7 +247,7 @@ class PMAOptimizer(torch.optim.Optimizer):
             params, grads, moments = self._collect(group, t - 1)
             if not params or self._setup_depth:
                 continue
-            phase = PMAPhase(step=t, period=group["period"])
+            phase = PMAPhase(step=t, period=group["period"], lr_decay=group.get("lr_decay", "none"))
             params_l, grads_l, moments_l = _local_shards(params, grads, moments)
             if group["foreach"] is False:
                 for i, (p, g) in enumerate(zip(params_l, grads_l)):
@@ -310,6 +315,8 @@ class AdamWPMA(PMAOptimizer):
         variant: ``"paper"`` (the default: the printed algorithm, whose momentum is GA's at the end of
             every period; K = 1 is exactly ``torch.optim.AdamW``) or ``"reference"`` (the authors'
             released code). The default was chosen by the post-training benchmark; see ``docs/math.md``.
+        lr_decay: ``"none"`` (Algorithm 1) or ``"periodic"`` (the paper's text: small step tau also
+            scaled by 1/(tau+1), reset every period; not yet measured, see ``docs/math.md``).
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
             float32/bfloat16/float16 parameters), raising if it cannot. See ``docs/performance.md``.
@@ -327,11 +334,12 @@ class AdamWPMA(PMAOptimizer):
         period: int = 8,
         variant: str = "paper",
         *,
+        lr_decay: str = "none",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, period=period, variant=variant)
+                        weight_decay=weight_decay, period=period, variant=variant, lr_decay=lr_decay)
         super().__init__(params, defaults, foreach, fused)
 
     def _validate_group(self, group: dict) -> None:
@@ -341,6 +349,7 @@ class AdamWPMA(PMAOptimizer):
         _check_weight_decay(group["weight_decay"])
         _check_period(group["period"])
         _check_variant(group["variant"])
+        _check_lr_decay(group["lr_decay"])
 
     def _hyper(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]
@@ -366,6 +375,7 @@ class LionPMA(PMAOptimizer):
         betas: ``beta1`` interpolates the update direction, ``beta2`` the momentum across periods.
         weight_decay: decoupled weight decay, applied with the full lr on every step.
         period: K, the number of micro-steps per period.
+        lr_decay: ``"none"`` or ``"periodic"`` (see AdamWPMA).
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel, raising if it cannot (see AdamWPMA).
     """
@@ -380,11 +390,12 @@ class LionPMA(PMAOptimizer):
         weight_decay: float = 0.0,
         period: int = 8,
         *,
+        lr_decay: str = "none",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        weight_decay=weight_decay, period=period)
+                        weight_decay=weight_decay, period=period, lr_decay=lr_decay)
         super().__init__(params, defaults, foreach, fused)
 
     def _validate_group(self, group: dict) -> None:
@@ -392,6 +403,7 @@ class LionPMA(PMAOptimizer):
         _check_betas(group["betas"])
         _check_weight_decay(group["weight_decay"])
         _check_period(group["period"])
+        _check_lr_decay(group["lr_decay"])
 
     def _hyper(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]

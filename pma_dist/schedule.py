@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VARIANTS = ("reference", "paper")
+#: ``"none"``: Algorithm 1's constant small-step rate. ``"periodic"``: the paper's periodic learning-rate
+#: decay (§1, §3.2.2): small step tau of a period is scaled by a further 1/(tau+1), resetting at each
+#: period boundary; off by default until the post-training benchmark has measured it.
+LR_DECAYS = ("none", "periodic")
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,15 @@ class PMAPhase:
 
     step: int
     period: int
+    lr_decay: str = "none"
 
     def __post_init__(self):
         if self.step < 1:
             raise ValueError(f"PMA step counts from 1, got step={self.step}")
         if self.period < 1:
             raise ValueError(f"PMA period must be >= 1, got period={self.period}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown PMA lr_decay {self.lr_decay!r}; expected one of {LR_DECAYS}")
 
     @property
     def tau(self) -> int:
@@ -49,8 +56,12 @@ class PMAPhase:
         return 1.0 / self.period if self.is_large else 1.0 / (self.tau + 1)
 
     def lr_factor(self, power: float) -> float:
-        """Small steps are scaled by ``K**-power`` (AdamW-PMA: 0.5, Lion-PMA: 1); large steps by 1."""
-        return 1.0 if self.is_large else self.period ** (-power)
+        """Small steps are scaled by ``K**-power`` (AdamW-PMA: 0.5, Lion-PMA: 1), and with
+        ``lr_decay="periodic"`` by a further ``1/(tau+1)``; large steps by 1."""
+        if self.is_large:
+            return 1.0
+        decay = 1.0 / (self.tau + 1) if self.lr_decay == "periodic" else 1.0
+        return self.period ** (-power) * decay
 
     def bias_exponent(self, variant: str) -> int:
         """AdamW-PMA debias exponent L: reference ``floor(t/K) + 1``, paper ``ceil(t/K)``."""
