@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.pages import PAGES, link, write_section  # noqa: E402
+from benchmarks.pages import add_report_options, link, read_result, write_section  # noqa: E402
 from pma_dist import AdamWPMA, LionPMA  # noqa: E402
 from pma_dist.kernels import load_cpu_kernels  # noqa: E402
 
@@ -238,10 +238,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--match", default=None,
                         help="only candidates whose name matches this regex (torch AdamW fused and the stream are kept)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
-    parser.add_argument("--out", default="benchmarks/results/optimizer_step.json")
-    parser.add_argument("--report-only", action="store_true",
-                        help="measure nothing: write the tables of the --out JSON to its section of --page")
-    parser.add_argument("--page", default=str(PAGES / "optimizer_step.md"))
+    add_report_options(parser, "benchmarks/results/optimizer_step.json", "optimizer_step.md")
     args = parser.parse_args(argv)
     if args.report_only:
         return write_page(Path(args.out), Path(args.page))
@@ -291,9 +288,7 @@ def main(argv=None) -> dict:
 
 def write_page(source: Path, page: Path) -> dict:
     """The section of the detail page that shows one result JSON: command, machine, load, every table."""
-    if not source.exists():
-        raise SystemExit(f"--report-only: {source} does not exist (run the benchmark with --out {source} first)")
-    result = json.loads(source.read_text())
+    result = read_result(source)
     m = result["machine"]
     load = lambda key: [round(x, 1) for x in result[key]] if result.get(key) else "?"  # noqa: E731
     lines = [f"Command: `python benchmarks/{result['command']}` (JSON: [`{source.name}`]({link(page, source)}); "

@@ -7,6 +7,7 @@ rewrites only that section: the hand-written prose around it and the sections of
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,3 +39,17 @@ def write_section(page: Path, key: str, body: str, title: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
+
+
+def add_report_options(parser, out: str, page: str) -> None:
+    """``--out`` (the result JSON), ``--report-only`` and ``--page``, as the JSON-writing benchmarks take them."""
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: write the tables of the --out JSON to its section of --page")
+    parser.add_argument("--page", default=str(PAGES / page))
+
+
+def read_result(source: Path) -> dict:
+    if not source.exists():
+        raise SystemExit(f"--report-only: {source} does not exist (run the benchmark with --out {source} first)")
+    return json.loads(source.read_text())
