@@ -21,6 +21,12 @@ def link(page: Path, target: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(page).resolve().parent)).as_posix()
 
 
+def repo_path(path: Path) -> str:
+    """``path`` as a command run from the repository root spells it (relative when it is inside)."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if REPO in path.parents else str(path)
+
+
 def write_section(page: Path, key: str, body: str, title: str) -> None:
     """Put ``body`` between the ``key`` markers of ``page``, replacing what was there.
 
