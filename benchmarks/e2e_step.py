@@ -235,7 +235,8 @@ def write_page(source: Path, page: Path) -> dict:
     for run in result["stages"]:
         timed = len(run["micro_step_s"]["ga"])
         lines += ["", f"**ZeRO-{run['stage']}{' + offload_optimizer' if run.get('offload') else ''}, {run['world']} "
-                      f"ranks, {run['params'] / 1e6:.1f}M params, K = {run['period']}, micro-batch {run['micro_batch']} "
+                      f"ranks, {run['params'] / 1e6:.1f}M params, K = {run['period']}, "
+                      f"micro-batch {run['micro_batch']} "
                       f"x {run['seq']} tokens per rank, {timed} timed periods per engine**", "",
                   "| engine | median ms / micro-step | ratio to GA | paired ratio | of which in engine.step() (ms) |",
                   "|---|---:|---:|---:|---:|"]

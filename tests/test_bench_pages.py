@@ -29,9 +29,11 @@ def test_section_without_its_end_marker_is_refused(tmp_path):
 
 
 def test_link_is_relative_to_the_page(tmp_path):
-    assert pages.link(tmp_path / "docs" / "bench" / "p.md", tmp_path / "benchmarks" / "r.json") == "../../benchmarks/r.json"
+    page = tmp_path / "docs" / "bench" / "p.md"
+    assert pages.link(page, tmp_path / "benchmarks" / "r.json") == "../../benchmarks/r.json"
     # what a command run from the repository root writes: relative inside the repository, absolute outside
-    assert pages.repo_path(pages.REPO / "benchmarks" / "results" / "e2e_step.json") == "benchmarks/results/e2e_step.json"
+    inside = pages.REPO / "benchmarks" / "results" / "e2e_step.json"
+    assert pages.repo_path(inside) == "benchmarks/results/e2e_step.json"
     assert pages.repo_path(tmp_path / "x.json") == str((tmp_path / "x.json").resolve())
 
 
