@@ -3,8 +3,14 @@
 
     python benchmarks/post_training.py                 # run what is missing, then write the report
     python benchmarks/post_training.py --report-only   # only aggregate finished runs
-    python benchmarks/post_training.py --model runs/base_3m --out runs/bench_base_3m \
+    python benchmarks/post_training.py --model runs/base_3m --out runs/bench_base_3m --name base_3m \
         --grid sft_alpaca adamw 3e-4 1e-3 3e-3 ...      # another base model, its own lr grids
+    python benchmarks/post_training.py --name base_3m --page-only   # re-write the page from the results
+
+The report of a result set ``--name`` (default ``stories260k``) goes to
+``benchmarks/results/post_training/NAME/`` (``results.json`` and the plots) and to the ``NAME``
+section of ``docs/bench/post_training.md`` (every table, every run); ``docs/BENCHMARKS.md`` quotes
+the headline rows.
 
 Tasks: SFT on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from ``../shared/data``), of
 stories260K by default or of any local HF model given by ``--model`` (e.g. the ~3M-parameter base
@@ -37,6 +43,7 @@ from statistics import mean
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.pages import PAGES, RESULTS, link, write_section  # noqa: E402
 from pma_dist.methods import get_method  # noqa: E402
 from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
 
@@ -54,7 +61,13 @@ TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per fami
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"),
+                   help="the runs (one folder each); finished runs are skipped")
+    p.add_argument("--name", default="stories260k",
+                   help="the result set: its section of --page and its folder under benchmarks/results/post_training")
+    p.add_argument("--results", default=None,
+                   help="where results.json and the plots go (default benchmarks/results/post_training/NAME)")
+    p.add_argument("--page", default=str(PAGES / "post_training.md"), help="the detail page the tables go to")
     p.add_argument("--model", default=str(SHARED / "models" / "stories260K"),
                    help="HF model dir every run starts from (keep one --out per model)")
     p.add_argument("--grid", nargs="+", action="append", default=[], metavar="TASK FAMILY LR",
@@ -72,7 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--variance-every", type=int, default=None,
                    help="micro-steps per measured update (default K); --periods 1 runs of the GA methods with "
                         "--variance-every K are the paper's every-micro-batch EMA baseline in the K plots")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="only aggregate the finished runs under --out")
+    p.add_argument("--page-only", action="store_true",
+                   help="only re-write the NAME section of --page from the committed results.json (no runs needed)")
     p.add_argument("--step-cost", action="store_true",
                    help="only measure seconds per micro-step of each method, interleaved (see docs)")
     p.add_argument("--step-cost-rounds", type=int, default=3)
@@ -80,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.grids = parse_grids(p, args.grid)
+    if not args.name or not all(c.isalnum() or c in "_-" for c in args.name):
+        p.error(f"--name {args.name!r}: use letters, digits, '_' and '-' (it names a folder and a page section)")
+    args.results = Path(args.results) if args.results else RESULTS / "post_training" / args.name
     return args
 
 
@@ -159,6 +177,8 @@ def plan_stage_b(args, out, task):
 
 
 STEP_COST_METHODS = ("adamw_pma_reference", "adamw_ga", "lion_pma", "lion_ga")
+# Both AdamW-PMA variants run the same kernel at the same cost: the paper variant is not timed apart.
+STEP_COST_STAND_IN = {"adamw_pma": "adamw_pma_reference"}
 
 
 def step_cost_runs(args):
@@ -223,6 +243,9 @@ def report(args) -> dict:
     runs = {}
     for path in sorted(out.glob("*/summary.json")):
         runs[path.parent.name] = json.loads(path.read_text())
+    if not runs:  # a report of nothing would overwrite the committed results
+        raise SystemExit(f"no finished runs under {out}: nothing to report ({args.results / 'results.json'} is left as "
+                         f"it is; --page-only re-writes the page from it)")
     comparisons = []
     for task in args.tasks:
         source = task if args.grids[task] is not None else "sft_alpaca"
@@ -261,20 +284,36 @@ def report(args) -> dict:
                                         "ga_lr": best[ga], "seeds": per_seed})
     costs = step_costs(out)
     for c in comparisons:
-        ga_cost, pma_cost = costs.get((c["ga"], c["K"])), costs.get((c["pma"].replace("_paper", "_ref"), c["K"]))
+        timed_as = STEP_COST_STAND_IN.get(c["pma"], c["pma"])
+        ga_cost, pma_cost = costs.get((c["ga"], c["K"])), costs.get((timed_as, c["K"]))
         if ga_cost and pma_cost:
             c["cost_per_micro_step"] = {"ga": ga_cost, "pma": pma_cost}
             for e in c["seeds"]:
                 if "sample_ratio" in e:
                     e["cost_adjusted_ratio"] = e["sample_ratio"] * ga_cost / pma_cost
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "local_rank", "grid")},
+    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                           if k not in ("worker", "local_rank", "grid", "page_only")},
               "step_cost": {f"{m}__K{k}": v for (m, k), v in costs.items()},
               "comparisons": comparisons, "runs": runs}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(markdown(result))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.json").write_text(json.dumps(result, indent=1))
     plots(args, out, result)
+    write_page(args, result)
     print(markdown(result))
     return result
+
+
+def write_page(args, result) -> None:
+    """The NAME section of the detail page: every table of ``markdown`` and the plots of the result set."""
+    page = Path(args.page)
+    source = args.results / "results.json"
+    images = [f"![{path.stem}]({link(page, path)})" for path in sorted(args.results.glob("*.png"))]
+    caption = ("Plots (seed 0, best lr per method; a loss plot shows eval loss against training wall-clock on the "
+               "left and against samples on the right):")
+    body = "\n".join([f"Generated by `python benchmarks/post_training.py --name {args.name} --page-only` from "
+                      f"[`{source.name}`]({link(page, source)}); do not edit by hand.", "",
+                      markdown(result), *([caption, "", *images] if images else [])])
+    write_section(page, f"post_training {args.name}", body, "Post-training benchmark: every table and every run")
 
 
 def step_costs(out: Path) -> dict:
@@ -336,10 +375,10 @@ def plots(args, out: Path, result) -> None:
                     chosen[f"{c['ga']} lr={c['ga_lr']:g}"] = out / run_id(task, c["ga"], k, c["ga_lr"], seed) / "metrics.jsonl"
             chosen = {label: path for label, path in chosen.items() if path.exists()}
             if chosen:
-                plot_loss_vs_time(chosen, out / f"{task}_K{k}_loss.png",
+                plot_loss_vs_time(chosen, args.results / f"{task}_K{k}_loss.png",
                                   title=f"{task}, K={k}, best lr per method, seed {args.seeds[0]} (2 CPU ranks)")
                 plot_update_variance(dict(chosen, **every_micro_batch_baselines(args, out, task, k)),
-                                     out / f"{task}_K{k}_update_variance.png",
+                                     args.results / f"{task}_K{k}_update_variance.png",
                                      title=f"{task}, K={k}: last-layer update variance per K micro-batches")
 
 
@@ -361,6 +400,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.page_only:
+        source = args.results / "results.json"
+        if not source.exists():
+            raise SystemExit(f"--page-only: {source} does not exist (run the benchmark or --report-only first)")
+        write_page(args, json.loads(source.read_text()))
         return
     if not args.report_only:
         launch(args)
