@@ -165,7 +165,8 @@ class AdaPM(PMAOptimizer):
                 f"AdaPM was asked to update a parameter it was not constructed with (shape {tuple(p.shape)}). "
                 "AdaPM plans each weight matrix by name and shape at construction; DeepSpeed ZeRO stages 1-3 "
                 "(flat 1-D partitions) and its bf16/fp16 wrappers (fp32 master copies) swap in other tensors, "
-                "which AdaPM does not support. Use ZeRO stage 0 in fp32, DDP, or a single process.") from None
+                "which AdaPM does not support. For sharded training use FSDP2 instead (fully_shard); else ZeRO stage 0 in "
+                "fp32, DDP, or a single process.") from None
 
     def check_deepspeed_engine(self, engine) -> None:
         """Refuse DeepSpeed set-ups that hand the optimizer other tensors than the model's weights."""
@@ -174,8 +175,9 @@ class AdaPM(PMAOptimizer):
             raise ValueError(
                 f"AdaPM cannot run under DeepSpeed ZeRO stage {stage}: ZeRO-1/2/3 give the optimizer flat 1-D "
                 "partitions, which lose the weight matrices' shapes that AdaPM's low-rank momentum and block "
-                'policy need. For sharded training use FSDP2 (pma_dist.torch_parallel.setup(model, backend="fsdp", '
-                'optimizer="adapm")), or DeepSpeed with "zero_optimization": {"stage": 0} (fp32), or DDP.')
+                'policy need. For sharded training use FSDP2 instead (torch.distributed.fsdp.fully_shard, then '
+                'AdaPM(model.named_parameters(), ...): AdaPM updates its row shards); or DeepSpeed with '
+                '"zero_optimization": {"stage": 0} (fp32), or DDP.')
         for flag, enabled in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())):
             if enabled:
                 raise ValueError(
@@ -282,6 +284,31 @@ class AdaPM(PMAOptimizer):
                 state = self.state.get(p, {})
                 out[self.plan(p).name] = sum(local(t).numel() * local(t).element_size() for k, t in state.items()
                                              if k != "step" and torch.is_tensor(t))
+        return out
+
+    def sharded_blocks(self) -> List[dict]:
+        """The blocks of FSDP2-sharded parameters, as :mod:`pma_dist.comm.adapm_model` reads them: kind,
+        whole matrix shape, rank, which axis of the block the row shards split, and the elements of
+        AdaPM-mini's per-step sum over ranks (0 if none)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                plan, shard = self.plan(p), self._shards.get(p)
+                if shard is None:
+                    continue
+                ndim = len(plan.shape)
+                for seg in plan.segments:
+                    split = _split_axis(seg, ndim)
+                    mshape = seg.matrix_shape(plan.shape)
+                    mini_sum = 0
+                    if self.mini and seg.partition == "tensor":
+                        mini_sum = 1
+                    elif self.mini and seg.partition == "head":
+                        mini_sum = seg.heads
+                    elif self.mini and seg.partition == "row" and split == 1:
+                        mini_sum = mshape[0]
+                    out.append(dict(name=plan.name, kind=seg.kind, shape=mshape, rank=seg.rank,
+                                    split="rows" if split == 0 else "cols", mini_sum_elements=mini_sum))
         return out
 
     # ------------------------------------------------------------------ step

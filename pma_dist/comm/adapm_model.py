@@ -1,0 +1,71 @@
+"""Analytical model of AdaPM's own collectives under FSDP2 (``pma_dist.adapm.sharding``).
+
+The ledger counts them in phase ``"adapm"`` (inside the optimizer step). Every one is an
+``all_reduce`` of one flattened message over the parameter's mesh; its bytes are the elements times
+the state dtype's size. Per block of a sharded parameter (``blocks`` from
+:meth:`pma_dist.adapm.AdaPM.sharded_blocks`), with ``k = min(r + 8, m, n)``:
+
+low-rank, rows split (the weight's rows are the block's rows, e.g. an MLP matrix):
+  * descent step (each of ``inner_steps``): the ``R`` step's gradient and ``L``'s Gram, ``r (n + r)``;
+  * refit: three Cholesky-QR Grams ``k^2`` for the probe's range; with ``2 r < min(m, n)`` two power
+    iterations, each ``M^T Q`` (``n k``) and three Grams ``k^2``; then ``Q^T M`` (``k n``);
+low-rank, columns split (a fused-QKV slice of a Conv1D weight): the transpose of the above,
+  * descent step: the ``L`` step's gradient and ``R``'s Gram, ``r (m + r)``;
+  * refit: ``M P`` (``m k``); with power iterations twice three Grams ``k^2`` and ``M Z`` (``m k``);
+    then three Grams ``k^2`` for the Cholesky-QR of ``B^T``;
+AdaPM-mini means that span the split axis: one element per tensor (vectors), one per head, or one
+per row when the block's columns are split.
+Element-wise blocks (full / none momentum, AdamW second moments) send nothing.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Tuple
+
+from .model import Message
+
+PHASE = "adapm"
+_OVERSAMPLE = 8  # pma_dist.adapm.lowrank._OVERSAMPLE
+_CHOLESKY_QR_PASSES = 3  # shifted CholeskyQR3
+
+
+def lowrank_elements(shape: Tuple[int, int], rank: int, split: str, *, refit: bool, inner_steps: int) -> List[int]:
+    """Element counts of the all-reduces one low-rank block sends in one step."""
+    m, n = shape
+    if not refit:
+        return [rank * ((n if split == "rows" else m) + rank)] * inner_steps
+    k = min(rank + _OVERSAMPLE, m, n)
+    grams = [k * k] * _CHOLESKY_QR_PASSES
+    power = 2 * rank < min(m, n)
+    if split == "rows":
+        out = list(grams)
+        if power:
+            out += ([n * k] + grams) * 2
+        return out + [k * n]
+    out = [m * k]
+    if power:
+        out += (grams + [m * k]) * 2
+    return out + grams
+
+
+def step_messages(blocks: Iterable[dict], *, step: int, update_interval: int, inner_steps: int,
+                  dtype_bytes: int) -> List[Message]:
+    """AdaPM's messages of optimizer step ``step`` (1-based; the factors refit at steps 1, 1 + T, ...)."""
+    refit = (step - 1) % update_interval == 0
+    out = []
+    for block in blocks:
+        if block["kind"] == "lowrank":
+            for elements in lowrank_elements(tuple(block["shape"]), block["rank"], block["split"], refit=refit,
+                                             inner_steps=inner_steps):
+                out.append(Message(PHASE, "all_reduce", elements * dtype_bytes))
+        if block["mini_sum_elements"]:
+            out.append(Message(PHASE, "all_reduce", block["mini_sum_elements"] * dtype_bytes))
+    return out
+
+
+def totals(messages: Iterable[Message]) -> Dict[str, Tuple[int, int]]:
+    """op -> (count, bytes)."""
+    out: Dict[str, Tuple[int, int]] = {}
+    for msg in messages:
+        count, nbytes = out.get(msg.op, (0, 0))
+        out[msg.op] = (count + 1, nbytes + msg.bytes)
+    return out
