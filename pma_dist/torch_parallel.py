@@ -57,6 +57,7 @@ BACKENDS = ("fsdp", "ddp")
 class OptimizerChoice:
     build: Callable[..., torch.optim.Optimizer]
     uses_pma: bool  # True: step every micro-batch with K = period; False: accumulate `period` micro-batches
+    named_params: bool = False  # built from named_parameters() (AdaPM chooses each block's momentum by name)
 
 
 def _build_adamw_pma(params, period, **kwargs):
@@ -65,6 +66,12 @@ def _build_adamw_pma(params, period, **kwargs):
 
 def _build_lion_pma(params, period, **kwargs):
     return LionPMA(params, period=period, **kwargs)
+
+
+def _build_adapm(named_params, period, **kwargs):
+    from .adapm import AdaPM
+
+    return AdaPM(named_params, period=period, **kwargs)
 
 
 def _build_adamw(params, period, **kwargs):
@@ -79,6 +86,7 @@ def _build_lion(params, period, **kwargs):
 OPTIMIZERS: Dict[str, OptimizerChoice] = {
     "adamw_pma": OptimizerChoice(_build_adamw_pma, uses_pma=True),
     "lion_pma": OptimizerChoice(_build_lion_pma, uses_pma=True),
+    "adapm": OptimizerChoice(_build_adapm, uses_pma=True, named_params=True),  # docs/adapm.md
     "adamw": OptimizerChoice(_build_adamw, uses_pma=False),
     "lion": OptimizerChoice(_build_lion, uses_pma=False),
 }
@@ -283,7 +291,7 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         model: a plain ``nn.Module`` (same initial weights on every rank; DDP broadcasts rank 0's,
             FSDP2 keeps each rank's shard of its own copy).
         backend: ``"fsdp"`` (FSDP2 ``fully_shard``) or ``"ddp"``.
-        optimizer: ``"adamw_pma"``, ``"lion_pma"`` (step every micro-batch) or the GA baselines
+        optimizer: ``"adamw_pma"``, ``"lion_pma"``, ``"adapm"`` (step every micro-batch) or the GA baselines
             ``"adamw"``, ``"lion"`` (step every ``period`` micro-batches).
         optimizer_kwargs: hyper-parameters of the optimizer (lr, betas, weight_decay, ...; not ``period``).
         period: PMA period K, or the baselines' gradient-accumulation steps: the same K on both sides.
@@ -311,7 +319,9 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         wrapped = _wrap_fsdp(model, units, dict(fsdp_kwargs or {}))
     else:
         wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
-    built = OPTIMIZERS[optimizer].build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
+    choice = OPTIMIZERS[optimizer]
+    params = wrapped.named_parameters() if choice.named_params else wrapped.parameters()
+    built = choice.build(params, period, **dict(optimizer_kwargs or {}))
     scheduler = lr_scheduler(built) if lr_scheduler is not None else None
     trainer = ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
                               max_grad_norm=float(max_grad_norm), fsdp_units=units)

@@ -127,6 +127,11 @@ def test_dcp_checkpoint_resumes_on_one_rank(out_dir, results):
     assert entry["param_diff"] <= 1e-6 * min(results["adapm_mini_pma_gd"]["updates"])
 
 
+def test_torch_parallel_setup_adapm_with_save_and_load(results):
+    entry = _no_crash(results["trainer"])
+    assert entry["optimizer"] == "AdaPM" and entry["bitwise_equal"]
+
+
 def test_fused_rows_split_by_the_shards_are_refused_by_name(results):
     error = _no_crash(results["refused_fused_rows"])["error"]
     assert error is not None and "'qkv_proj.weight'" in error and "policy_overrides" in error

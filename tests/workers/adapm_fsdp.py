@@ -268,6 +268,30 @@ def resume_on_one_rank(out_dir):
             "step": opt.param_groups[0]["step"]}
 
 
+def trainer_path(rank, world, out_dir):
+    """pma_dist.torch_parallel.setup(optimizer="adapm", period=4): the same bits as AdaPM on a model
+    sharded by hand, also across trainer.save / trainer.load at step 6 (mid-period)."""
+    from pma_dist.torch_parallel import setup
+    opts = dict(CASES["adapm_pma"])
+    period = opts.pop("period")
+    direct, _, _ = run_fsdp(CASES["adapm_pma"], rank, world)
+
+    def micro_steps(trainer, steps):
+        for step in steps:
+            tokens = global_batch(step, world)[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+            trainer.micro_step(lambda model: loss_of(model, tokens))
+
+    trainer = setup(build_model(), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period)
+    micro_steps(trainer, range(CKPT_AT))
+    trainer.save(out_dir / "trainer_ckpt")
+    trainer = setup(build_model(), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period)
+    trainer.load(out_dir / "trainer_ckpt")
+    micro_steps(trainer, range(CKPT_AT, STEPS))
+    final = params_of(trainer.model)
+    return {"optimizer": type(trainer.optimizer).__name__,
+            "bitwise_equal": all(torch.equal(final[n], direct[-1][n]) for n in final)}
+
+
 def refused_fused_rows():
     """A fused QKV stored (3d, d) (nn.Linear) would be cut by the row shards: refused, named."""
     from torch import nn
@@ -297,6 +321,7 @@ def main():
                ("ledger_adapm", lambda: ledger_counts("adapm", rank, world, out)),
                ("ledger_adapm_mini_pma_gd", lambda: ledger_counts("adapm_mini_pma_gd", rank, world, out)),
                ("checkpoint", lambda: checkpoint(rank, world, out)),
+               ("trainer", lambda: trainer_path(rank, world, out)),
                ("refused_fused_rows", refused_fused_rows)]
     for name, check in checks:
         try:
