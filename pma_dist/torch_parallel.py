@@ -440,6 +440,8 @@ def comm_meta(trainer: ParallelTrainer, fsdp_kwargs: Optional[dict] = None, ddp_
         meta["fsdp_reduce_dtype"] = _dtype_name(getattr(mp_policy, "reduce_dtype", None)
                                                 or getattr(mp_policy, "param_dtype", None) or dtype)
         meta["fsdp_units"] = _fsdp_unit_meta(trainer, (fsdp_kwargs or {}).get("reshard_after_forward"))
+        if hasattr(trainer.optimizer, "sharded_blocks"):  # AdaPM's own sums: pma_dist.comm.adapm_model
+            meta["fsdp_adapm"] = trainer.optimizer.sharded_blocks()
     else:
         from torch.distributed import _DEFAULT_FIRST_BUCKET_BYTES
 

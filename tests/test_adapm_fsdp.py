@@ -130,6 +130,10 @@ def test_dcp_checkpoint_resumes_on_one_rank(out_dir, results):
 def test_torch_parallel_setup_adapm_with_save_and_load(results):
     entry = _no_crash(results["trainer"])
     assert entry["optimizer"] == "AdaPM" and entry["bitwise_equal"]
+    # the first trainer's ledger (micro-steps 0..5, refits at optimizer steps 1 and 4): FSDP2's own
+    # traffic against pma_dist.comm.model, AdaPM's phase against pma_dist.comm.adapm_model, per micro-step
+    assert "adapm" in entry["ledger_phases"] and entry["ledger_micro_steps"] == list(range(6))
+    assert entry["ledger_problems"] == []
 
 
 def test_fused_rows_split_by_the_shards_are_refused_by_name(results):

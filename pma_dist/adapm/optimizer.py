@@ -288,8 +288,9 @@ class AdaPM(PMAOptimizer):
 
     def sharded_blocks(self) -> List[dict]:
         """The blocks of FSDP2-sharded parameters, as :mod:`pma_dist.comm.adapm_model` reads them: kind,
-        whole matrix shape, rank, which axis of the block the row shards split, and the elements of
-        AdaPM-mini's per-step sum over ranks (0 if none)."""
+        whole matrix shape, rank, which axis of the block the row shards split, the elements of
+        AdaPM-mini's per-step sum over ranks (0 if none), the group's refit interval and descent steps,
+        and the state dtype's size."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -307,8 +308,10 @@ class AdaPM(PMAOptimizer):
                         mini_sum = seg.heads
                     elif self.mini and seg.partition == "row" and split == 1:
                         mini_sum = mshape[0]
-                    out.append(dict(name=plan.name, kind=seg.kind, shape=mshape, rank=seg.rank,
-                                    split="rows" if split == 0 else "cols", mini_sum_elements=mini_sum))
+                    out.append(dict(name=plan.name, kind=seg.kind, shape=list(mshape), rank=seg.rank,
+                                    split="rows" if split == 0 else "cols", mini_sum_elements=mini_sum,
+                                    update_interval=group["update_interval"], inner_steps=group["inner_steps"],
+                                    dtype_bytes=torch.finfo(F.state_dtype(p)).bits // 8))
         return out
 
     # ------------------------------------------------------------------ step

@@ -47,19 +47,40 @@ def lowrank_elements(shape: Tuple[int, int], rank: int, split: str, *, refit: bo
     return out + grams
 
 
-def step_messages(blocks: Iterable[dict], *, step: int, update_interval: int, inner_steps: int,
-                  dtype_bytes: int) -> List[Message]:
-    """AdaPM's messages of optimizer step ``step`` (1-based; the factors refit at steps 1, 1 + T, ...)."""
-    refit = (step - 1) % update_interval == 0
+def step_messages(blocks: Iterable[dict], step: int) -> List[Message]:
+    """AdaPM's messages of optimizer step ``step`` (1-based; a block refits at steps 1, 1 + T, ...)."""
     out = []
     for block in blocks:
+        size = block["dtype_bytes"]
         if block["kind"] == "lowrank":
+            refit = (step - 1) % block["update_interval"] == 0
             for elements in lowrank_elements(tuple(block["shape"]), block["rank"], block["split"], refit=refit,
-                                             inner_steps=inner_steps):
-                out.append(Message(PHASE, "all_reduce", elements * dtype_bytes))
+                                             inner_steps=block["inner_steps"]):
+                out.append(Message(PHASE, "all_reduce", elements * size))
         if block["mini_sum_elements"]:
-            out.append(Message(PHASE, "all_reduce", block["mini_sum_elements"] * dtype_bytes))
+            out.append(Message(PHASE, "all_reduce", block["mini_sum_elements"] * size))
     return out
+
+
+def compare(ledger_file: dict) -> List[str]:
+    """Mismatches between a ``pma_dist.torch_parallel`` FSDP2 + AdaPM ledger file and the models: the
+    engine's phases against :func:`pma_dist.comm.model.compare`, phase ``"adapm"`` against
+    :func:`step_messages` (AdaPM steps on every micro-step: micro-step i is optimizer step i + 1)."""
+    from . import model
+
+    blocks = ledger_file["meta"]["fsdp_adapm"]
+    engine = dict(ledger_file, records=[r for r in ledger_file["records"] if r["phase"] != PHASE])
+    problems = model.compare(engine)
+    for i in range(ledger_file["meta"]["micro_steps"]):
+        got = {}
+        for r in ledger_file["records"]:
+            if r["phase"] == PHASE and r["micro_step"] == i:
+                count, nbytes = got.get(r["op"], (0, 0))
+                got[r["op"]] = (count + r["count"], nbytes + r["bytes"])
+        want = totals(step_messages(blocks, i + 1))
+        if got != want:
+            problems.append(f"micro-step {i} phase {PHASE}: measured {sorted(got.items())} != model {sorted(want.items())}")
+    return problems
 
 
 def totals(messages: Iterable[Message]) -> Dict[str, Tuple[int, int]]:

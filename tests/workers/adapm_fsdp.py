@@ -40,12 +40,12 @@ CASES = {
 }
 
 
-def build_model():
+def build_model(dtype=torch.float64):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).to(torch.float64)
+    return GPT2LMHeadModel(cfg).to(dtype)
 
 
 def global_batch(step, world):
@@ -84,8 +84,8 @@ def run_reference(opts, world):
     return history
 
 
-def run_fsdp(opts, rank, world):
-    model = shard(build_model())
+def run_fsdp(opts, rank, world, dtype=torch.float64):
+    model = shard(build_model(dtype))
     opt = AdaPM(model.named_parameters(), **opts)
     history = [params_of(model)]
     for step in range(STEPS):
@@ -187,9 +187,7 @@ def ledger_counts(case, rank, world, out_dir):
         nbytes = sum(v[1] for (i, _, phase, op), v in ledger.totals.items() if i == step and phase == "adapm")
         ops = sorted({op for (i, _, phase, op) in ledger.totals if i == step and phase == "adapm"})
         measured.append([ops, count, nbytes])
-        model_totals = adapm_model.totals(adapm_model.step_messages(
-            opt.sharded_blocks(), step=step + 1, update_interval=opts["update_interval"],
-            inner_steps=opts["inner_steps"], dtype_bytes=8))
+        model_totals = adapm_model.totals(adapm_model.step_messages(opt.sharded_blocks(), step + 1))
         modelled.append([sorted(model_totals), sum(c for c, _ in model_totals.values()),
                          sum(b for _, b in model_totals.values())])
     return {"measured": measured, "modelled": modelled}
@@ -270,26 +268,34 @@ def resume_on_one_rank(out_dir):
 
 def trainer_path(rank, world, out_dir):
     """pma_dist.torch_parallel.setup(optimizer="adapm", period=4): the same bits as AdaPM on a model
-    sharded by hand, also across trainer.save / trainer.load at step 6 (mid-period)."""
+    sharded by hand, also across trainer.save / trainer.load at step 6 (mid-period). float32: the
+    comm model (pma_dist.comm.model) covers float32/bf16/fp16 runs."""
     from pma_dist.torch_parallel import setup
     opts = dict(CASES["adapm_pma"])
     period = opts.pop("period")
-    direct, _, _ = run_fsdp(CASES["adapm_pma"], rank, world)
+    direct, _, _ = run_fsdp(CASES["adapm_pma"], rank, world, torch.float32)
 
     def micro_steps(trainer, steps):
         for step in steps:
             tokens = global_batch(step, world)[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
             trainer.micro_step(lambda model: loss_of(model, tokens))
 
-    trainer = setup(build_model(), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period)
+    trainer = setup(build_model(torch.float32), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period,
+                    comm_profile={"enabled": True, "output_dir": str(out_dir / "trainer_comm"), "report": False})
     micro_steps(trainer, range(CKPT_AT))
+    trainer.close()
     trainer.save(out_dir / "trainer_ckpt")
-    trainer = setup(build_model(), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period)
+    trainer = setup(build_model(torch.float32), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period)
     trainer.load(out_dir / "trainer_ckpt")
     micro_steps(trainer, range(CKPT_AT, STEPS))
     final = params_of(trainer.model)
+    from pma_dist.comm import adapm_model
+    ledger_file = json.loads((out_dir / "trainer_comm" / f"comm_rank{rank}.json").read_text())
+    phases = sorted({r["phase"] for r in ledger_file["records"]})
     return {"optimizer": type(trainer.optimizer).__name__,
-            "bitwise_equal": all(torch.equal(final[n], direct[-1][n]) for n in final)}
+            "bitwise_equal": all(torch.equal(final[n], direct[-1][n]) for n in final),
+            "ledger_phases": phases, "ledger_problems": adapm_model.compare(ledger_file),
+            "ledger_micro_steps": sorted({r["micro_step"] for r in ledger_file["records"]})}
 
 
 def refused_fused_rows():
