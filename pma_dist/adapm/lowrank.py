@@ -31,7 +31,7 @@ it, the other is replicated, and every product that contracts over the split axi
 the layout's ``sum_rows`` / ``sum_cols`` completes (one all-reduce of small matrices). Everything
 else is local. A single process uses :data:`local_layout`, whose sums are the identity, so the
 single-process and the sharded optimizer run one algorithm: the refit's orthonormalisations are
-Cholesky-QR (Gram matrix, Cholesky factor, triangular solve), which needs only a k x k Gram sum,
+Gram-based (Cholesky-QR's rank-revealing form, :func:`gram_qr`), which needs only a k x k Gram sum,
 where Householder QR would need the whole tall matrix on one rank.
 """
 from __future__ import annotations
@@ -77,30 +77,29 @@ def local_layout(m: Tensor) -> BlockLayout:
     return BlockLayout(tuple(m.shape))
 
 
-def cholesky_qr(X: Tensor, sum_rows: Sum = _no_sum, total_rows: int = None) -> Tuple[Tensor, Tensor]:
-    """``X = Q R`` with orthonormal columns ``Q`` (rows split like ``X``'s) and upper-triangular ``R``.
+def gram_qr(X: Tensor, sum_rows: Sum = _no_sum) -> Tuple[Tensor, Tensor]:
+    """``X ~ Q R`` with ``Q``'s columns orthonormal or zero (rows split like ``X``'s) and ``R`` k x k.
 
-    Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Zhang, Yamamoto 2020): a first pass on the
-    shifted Gram ``X^T X + s I`` with ``s = 11 (p k + k (k + 1)) u tr(X^T X)`` (their shift, with the
-    trace for ``||X||_2^2``) always has a Cholesky factor and leaves a basis of condition number about
-    ``u^-1/2``, which two plain passes (CholeskyQR2) make orthonormal to working precision. The later
-    passes keep a shift of ``k u tr`` so an exactly rank-deficient ``X`` (a momentum of rank < k)
-    still factors: its null directions come out as extra orthonormal columns with ``R`` entries at
-    the shift's level, which the truncation to rank r drops. Each pass sums one k x k Gram.
-    ``total_rows`` (for the shift) is the row count of the whole ``X``, default this rank's.
+    Cholesky-QR in its rank-revealing form (SVQR, Stathopoulos & Wu 2002): the k x k Gram
+    ``X^T X = V diag(lam) V^T`` (one summed message), ``Q = X V diag(lam)^-1/2``, ``R = diag(lam)^1/2 V^T``,
+    done twice so the second pass repairs the first's loss of orthogonality (~ u cond(X)^2), like
+    CholeskyQR2. Plain Cholesky has no factor when ``X`` is rank-deficient (a momentum of rank < k,
+    a zero gradient), which Householder QR never minded; here directions with ``lam`` below
+    ``k u lam_max`` are dropped as zero columns (their part of ``X`` is below rounding), so ``Q Q^T``
+    stays an exact projector onto the rest. The Gram and its solve are float64 whatever the state
+    dtype (a float32 Gram would bury directions below ~1e-3 of the largest in rounding).
     """
+    work = X.to(torch.float64)
     k = X.shape[-1]
-    total_rows = X.shape[-2] if total_rows is None else total_rows
-    u = torch.finfo(X.dtype).eps / 2
-    eye = torch.eye(k, dtype=X.dtype, device=X.device)
-    Q, R = X, eye
-    for shift_factor in (11 * (total_rows * k + k * (k + 1)), k, k):
-        (gram,) = sum_rows(Q.mT @ Q)
-        shift = shift_factor * u * gram.diagonal().sum().clamp_min(torch.finfo(X.dtype).tiny)
-        factor = torch.linalg.cholesky(gram + shift * eye, upper=True)
-        Q = torch.linalg.solve_triangular(factor, Q, upper=True, left=False)
-        R = factor @ R
-    return Q, R
+    R = torch.eye(k, dtype=work.dtype, device=X.device)
+    for _ in range(2):
+        (gram,) = sum_rows(work.mT @ work)
+        lam, V = torch.linalg.eigh(gram)
+        keep = lam > k * torch.finfo(work.dtype).eps * lam[-1].clamp_min(torch.finfo(work.dtype).tiny)
+        root = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+        work = work @ (V * torch.where(keep, 1 / root.clamp_min(torch.finfo(work.dtype).tiny), root))
+        R = (V * root).mT @ R
+    return work.to(X.dtype), R.to(X.dtype)
 
 
 def fit_factors(m: Tensor, L: Tensor, R: Tensor, seed: int = 0, layout: BlockLayout = None) -> None:
@@ -109,7 +108,7 @@ def fit_factors(m: Tensor, L: Tensor, R: Tensor, seed: int = 0, layout: BlockLay
     A randomized range finder (Halko et al.) seeded by ``seed``, not the global RNG, so a resumed run
     refits exactly like an uninterrupted one: ``k = min(r + 8, min(m, n))`` probe columns, two power
     iterations when ``2 r < min(m, n)`` (with ``k = min(m, n)`` the range is exact without them), then
-    the SVD of the small ``Q^T m`` through a Cholesky-QR of its transpose and a k x k SVD.
+    the SVD of the small ``Q^T m`` through a Gram QR of its transpose and a k x k SVD.
     """
     layout = layout or local_layout(m)
     rows, cols = layout.shape
@@ -119,15 +118,15 @@ def fit_factors(m: Tensor, L: Tensor, R: Tensor, seed: int = 0, layout: BlockLay
     probe = torch.randn(cols, k, generator=generator, dtype=m.dtype, device=m.device)
     probe = probe[layout.col_start:layout.col_start + m.shape[1]]
     (Y,) = layout.sum_cols(m @ probe)
-    Q, _ = cholesky_qr(Y, layout.sum_rows, rows)
+    Q, _ = gram_qr(Y, layout.sum_rows)
     if 2 * rank < min(rows, cols):
         for _ in range(2):
             (Z,) = layout.sum_rows(m.mT @ Q)
-            Z, _ = cholesky_qr(Z, layout.sum_cols, cols)
+            Z, _ = gram_qr(Z, layout.sum_cols)
             (Y,) = layout.sum_cols(m @ Z)
-            Q, _ = cholesky_qr(Y, layout.sum_rows, rows)
+            Q, _ = gram_qr(Y, layout.sum_rows)
     (B,) = layout.sum_rows(Q.mT @ m)  # (k, n), columns split like m's
-    Qb, Rb = cholesky_qr(B.mT, layout.sum_cols, cols)  # B = Rb^T Qb^T
+    Qb, Rb = gram_qr(B.mT, layout.sum_cols)  # B = Rb^T Qb^T
     U, S, Wh = torch.linalg.svd(Rb.mT)
     root = S[:rank].sqrt()
     L.copy_((Q @ U[:, :rank]) * root)
