@@ -134,6 +134,8 @@ def test_torch_parallel_setup_adapm_with_save_and_load(results):
     # traffic against pma_dist.comm.model, AdaPM's phase against pma_dist.comm.adapm_model, per micro-step
     assert "adapm" in entry["ledger_phases"] and entry["ledger_micro_steps"] == list(range(6))
     assert entry["ledger_problems"] == []
+    # the run report rank 0 writes at close checks the engine's phases; phase "adapm" stays out of it
+    assert entry["run_report_model"]["available"] and entry["run_report_model"]["agree"], entry["run_report_model"]
 
 
 def test_fused_rows_split_by_the_shards_are_refused_by_name(results):

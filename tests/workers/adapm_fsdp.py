@@ -281,7 +281,7 @@ def trainer_path(rank, world, out_dir):
             trainer.micro_step(lambda model: loss_of(model, tokens))
 
     trainer = setup(build_model(torch.float32), backend="fsdp", optimizer="adapm", optimizer_kwargs=opts, period=period,
-                    comm_profile={"enabled": True, "output_dir": str(out_dir / "trainer_comm"), "report": False})
+                    comm_profile={"enabled": True, "output_dir": str(out_dir / "trainer_comm")})
     micro_steps(trainer, range(CKPT_AT))
     trainer.close()
     trainer.save(out_dir / "trainer_ckpt")
@@ -295,7 +295,16 @@ def trainer_path(rank, world, out_dir):
     return {"optimizer": type(trainer.optimizer).__name__,
             "bitwise_equal": all(torch.equal(final[n], direct[-1][n]) for n in final),
             "ledger_phases": phases, "ledger_problems": adapm_model.compare(ledger_file),
-            "ledger_micro_steps": sorted({r["micro_step"] for r in ledger_file["records"]})}
+            "ledger_micro_steps": sorted({r["micro_step"] for r in ledger_file["records"]}),
+            "run_report_model": run_report_model(out_dir / "trainer_comm") if rank == 0 else None}
+
+
+def run_report_model(run_dir):
+    """The run report's model check (rank 0 wrote report.json when the trainer closed)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    model = report["model"]
+    return {"available": model.get("available"), "agree": model.get("agree"), "reason": model.get("reason"),
+            "mismatches": model.get("micro_step_mismatches")}
 
 
 def refused_fused_rows():
