@@ -360,7 +360,7 @@ class AdaPM(PMAOptimizer):
                 corrected, _ = lowrank.debiased_lowrank_momentum(
                     gs, L, R, beta1=beta1, decay=phase.decay(beta1), grad_weight=phase.grad_weight, refit=refit,
                     inner_steps=group["inner_steps"], solver=group["solver"], seed=phase.step,
-                    layout=_block_layout(seg, plan, shard, gs))
+                    layout=_block_layout(seg, plan, shard))
                 if not group["residual_correction"]:  # the paper's ablation: the plain low-rank momentum
                     corrected = L @ R
                 direction = corrected.div_(bc1)
@@ -446,7 +446,7 @@ def _segment_view(seg: Segment, t: Tensor, ndim: int, split: Optional[int]) -> T
     return seg.view(t, ndim)
 
 
-def _block_layout(seg: Segment, plan: ParamPlan, shard: Optional[RowShard], block: Tensor) -> lowrank.BlockLayout:
+def _block_layout(seg: Segment, plan: ParamPlan, shard: Optional[RowShard]) -> lowrank.BlockLayout:
     whole = seg.matrix_shape(plan.shape)
     if shard is None:
         return lowrank.BlockLayout(whole)
@@ -463,8 +463,9 @@ def _local_shape(shape: Tuple[int, ...], split: Optional[int], shard: Optional[R
 
 def _check_shardable(plan: ParamPlan, shard: Optional[RowShard]) -> None:
     """Blocks cut along the split rows (a fused QKV stored ``(3d, d)``) have no DTensor layout for their
-    states; refuse them before any work, naming the way out."""
-    if shard is None or len(plan.shape) != 2 or shard.mesh.size() == 1:
+    states (on any mesh: a checkpoint must reshard onto other world sizes); refuse them before any
+    work, naming the way out."""
+    if shard is None or len(plan.shape) != 2:
         return
     if any(seg.out_axis == 0 for seg in plan.segments) and len(plan.segments) > 1:
         raise ValueError(
