@@ -1,7 +1,7 @@
 """AdaPM on FSDP2 (``fully_shard``), 2 ranks, float64 GPT-2-style model: parity with the single-process
 AdaPM on the same global batch (AdaPM, AdaPM-mini, with PMA, plain gradient descent, full-rank fit),
 per-rank optimizer-state bytes, AdaPM's ledger-counted collectives against the model, DCP resume
-mid-period bit-identical and onto one rank. One 2-rank launch for the module (tests/workers/adapm_fsdp.py)."""
+mid-period bit-identical, 2 -> 1 and 1 -> 2 ranks. One 2-rank launch for the module (tests/workers/adapm_fsdp.py)."""
 from __future__ import annotations
 
 import json
@@ -125,6 +125,16 @@ def test_dcp_checkpoint_resumes_on_one_rank(out_dir, results):
     # one rank sums in another order than two (same float64 algorithm): the parity bound above,
     # against the smallest update of that run
     assert entry["param_diff"] <= 1e-6 * min(results["adapm_mini_pma_gd"]["updates"])
+
+
+def test_dcp_checkpoint_of_one_rank_resumes_on_two(out_dir, results):
+    _no_crash(results["checkpoint"])
+    if not (out_dir / "ckpt_one_rank").exists():  # written by the one-rank resume above
+        run_ranks("adapm_fsdp.py", [out_dir, "resume"], nproc=1, launcher="torchrun", timeout=300)
+    run_ranks("adapm_fsdp.py", [out_dir, "resume2"], nproc=WORLD, launcher="torchrun", timeout=300)
+    entry = json.loads((out_dir / "resume2.json").read_text())
+    assert entry["state_keys_equal"] and entry["step"] == 9
+    assert entry["param_diff"] <= 1e-6 * min(results["adapm_mini_pma_gd"]["updates"])  # as above
 
 
 def test_torch_parallel_setup_adapm_with_save_and_load(results):

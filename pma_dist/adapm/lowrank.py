@@ -37,7 +37,7 @@ where Householder QR would need the whole tall matrix on one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor

@@ -165,8 +165,8 @@ class AdaPM(PMAOptimizer):
                 f"AdaPM was asked to update a parameter it was not constructed with (shape {tuple(p.shape)}). "
                 "AdaPM plans each weight matrix by name and shape at construction; DeepSpeed ZeRO stages 1-3 "
                 "(flat 1-D partitions) and its bf16/fp16 wrappers (fp32 master copies) swap in other tensors, "
-                "which AdaPM does not support. For sharded training use FSDP2 instead (fully_shard); else ZeRO stage 0 in "
-                "fp32, DDP, or a single process.") from None
+                "which AdaPM does not support. For sharded training use FSDP2 instead (fully_shard); else ZeRO "
+                "stage 0 in fp32, DDP, or a single process.") from None
 
     def check_deepspeed_engine(self, engine) -> None:
         """Refuse DeepSpeed set-ups that hand the optimizer other tensors than the model's weights."""

@@ -81,7 +81,8 @@ def compare(ledger_file: dict) -> List[str]:
                 got[r["op"]] = (count + r["count"], nbytes + r["bytes"])
         want = totals(step_messages(blocks, i + 1))
         if got != want:
-            problems.append(f"micro-step {i} phase {PHASE}: measured {sorted(got.items())} != model {sorted(want.items())}")
+            problems.append(f"micro-step {i} phase {PHASE}: measured {sorted(got.items())} "
+                            f"!= model {sorted(want.items())}")
     return problems
 
 

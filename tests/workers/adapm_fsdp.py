@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/workers/adapm_fsdp.py OUT_DIR           # parity, memory, ledger, DCP
     torchrun --nproc_per_node=1 tests/workers/adapm_fsdp.py OUT_DIR resume    # the 2-rank checkpoint on 1 rank
+    torchrun --nproc_per_node=2 tests/workers/adapm_fsdp.py OUT_DIR resume2   # the 1-rank checkpoint on 2 ranks
 
 Every rank builds the same float64 GPT-2-style model (transformers ``GPT2LMHeadModel`` from a config:
 fused Conv1D ``c_attn`` whose q/k slices are low-rank with the weight's rows as the block's *columns*,
@@ -12,7 +13,8 @@ micro-batches) and writes OUT_DIR/results.json with, per case, the per-step max 
 parameter and the per-step max |update| of the reference; per-rank optimizer-state bytes (FSDP2 AdaPM,
 DDP AdaPM, FSDP2 AdamW); AdaPM's ledger-counted messages per step with the model's; and a DCP
 checkpoint written mid-period (step 6 of period 4) resumed on the same ranks (bit-identical) and,
-in the ``resume`` mode, on one rank (OUT_DIR/resume.json).
+in the ``resume`` mode, on one rank (OUT_DIR/resume.json; that mode also writes a 1-rank checkpoint at
+step 6, which the ``resume2`` mode resumes on 2 ranks: OUT_DIR/resume2.json).
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def local_bytes(t):
     return t.numel() * t.element_size()
 
 
-def one_step(model, opt, rank, world, sharded=True):
+def one_step(model, opt, rank, world):
     tokens = global_batch(0, world)[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
     opt.zero_grad()
     loss_of(model, tokens).backward()
@@ -214,7 +216,7 @@ def train(model, opt, rank, world, steps, ranks_batch=True):
 def checkpoint(rank, world, out_dir):
     """Uninterrupted 9 steps vs 6 steps, DCP save, fresh model + optimizer, DCP load, 3 more steps."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     opts = CASES[CKPT_CASE]
     model = shard(build_model())
     opt = AdaPM(model.named_parameters(), **opts)
@@ -252,12 +254,35 @@ def load_checkpoint(model, opt, path):
 
 
 def resume_on_one_rank(out_dir):
-    """The 2-rank checkpoint resumed by one rank (whole global batch), against the 2-rank straight run."""
+    """The 2-rank checkpoint resumed by one rank (whole global batch), against the 2-rank straight run;
+    then a 1-rank run to step 6 saved for ``resume2``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     opts = CASES[CKPT_CASE]
     model = shard(build_model())
     opt = AdaPM(model.named_parameters(), **opts)
     load_checkpoint(model, opt, out_dir / "ckpt")
     train(model, opt, 0, 2, range(CKPT_AT, STEPS), ranks_batch=False)
+    result = against_straight(model, opt, out_dir)
+    model = shard(build_model())
+    opt = AdaPM(model.named_parameters(), **opts)
+    train(model, opt, 0, 2, range(CKPT_AT), ranks_batch=False)
+    with opt.setup_steps():
+        model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out_dir / "ckpt_one_rank"))
+    return result
+
+
+def resume_on_two_ranks(rank, world, out_dir):
+    """The 1-rank checkpoint resumed by 2 ranks, against the 2-rank straight run."""
+    model = shard(build_model())
+    opt = AdaPM(model.named_parameters(), **CASES[CKPT_CASE])
+    load_checkpoint(model, opt, out_dir / "ckpt_one_rank")
+    train(model, opt, rank, world, range(CKPT_AT, STEPS))
+    return against_straight(model, opt, out_dir)
+
+
+def against_straight(model, opt, out_dir):
     params, state = torch.load(out_dir / "straight.pt")
     mine = params_of(model)
     mine_state = full_state(opt, model)
@@ -328,6 +353,12 @@ def main():
     if sys.argv[2:] == ["resume"]:
         result = resume_on_one_rank(out)
         (out / "resume.json").write_text(json.dumps(result))
+        shutdown(0)
+        return
+    if sys.argv[2:] == ["resume2"]:
+        result = resume_on_two_ranks(rank, world, out)
+        if rank == 0:
+            (out / "resume2.json").write_text(json.dumps(result))
         shutdown(0)
         return
     results = {}
