@@ -12,9 +12,9 @@ Rank 0 also runs the single-process AdaPM on the same global batch (the mean of 
 micro-batches) and writes OUT_DIR/results.json with, per case, the per-step max |difference| of every
 parameter and the per-step max |update| of the reference; per-rank optimizer-state bytes (FSDP2 AdaPM,
 DDP AdaPM, FSDP2 AdamW); AdaPM's ledger-counted messages per step with the model's; and a DCP
-checkpoint written mid-period (step 6 of period 4) resumed on the same ranks (bit-identical) and,
-in the ``resume`` mode, on one rank (OUT_DIR/resume.json; that mode also writes a 1-rank checkpoint at
-step 6, which the ``resume2`` mode resumes on 2 ranks: OUT_DIR/resume2.json).
+checkpoint written mid-period (after step 5 of period 4; step 6 is no refit, so a spurious refit on
+resume would show) resumed on the same ranks (bit-identical) and, in the ``resume`` mode, on one rank (OUT_DIR/resume.json; that mode also writes a 1-rank checkpoint at
+step 5, which the ``resume2`` mode resumes on 2 ranks: OUT_DIR/resume2.json).
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def ledger_counts(case, rank, world, out_dir):
     return {"measured": measured, "modelled": modelled}
 
 
-CKPT_CASE, CKPT_AT = "adapm_mini_pma_gd", 6  # period 4: step 6 is mid-period; refits at 1, 4, 7
+CKPT_CASE, CKPT_AT = "adapm_mini_pma_gd", 5  # period 4: step 5 opens the 2nd period; refits at 1, 4, 7 (not 6)
 
 
 def full_state(opt, model):
@@ -255,7 +255,7 @@ def load_checkpoint(model, opt, path):
 
 def resume_on_one_rank(out_dir):
     """The 2-rank checkpoint resumed by one rank (whole global batch), against the 2-rank straight run;
-    then a 1-rank run to step 6 saved for ``resume2``."""
+    then a 1-rank run to step 5 saved for ``resume2``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     opts = CASES[CKPT_CASE]
@@ -293,7 +293,7 @@ def against_straight(model, opt, out_dir):
 
 def trainer_path(rank, world, out_dir):
     """pma_dist.torch_parallel.setup(optimizer="adapm", period=4): the same bits as AdaPM on a model
-    sharded by hand, also across trainer.save / trainer.load at step 6 (mid-period). float32: the
+    sharded by hand, also across trainer.save / trainer.load after step 5 (mid-period). float32: the
     comm model (pma_dist.comm.model) covers float32/bf16/fp16 runs."""
     from pma_dist.torch_parallel import setup
     opts = dict(CASES["adapm_pma"])
