@@ -97,6 +97,9 @@ def test_optimizer_state_bytes_per_rank(results):
         assert got["fsdp2_adamw"] == 8 * 2 * local_numel  # exp_avg + exp_avg_sq of this rank's shard
         # replicated: the q/k L factors of c_attn and the R factors of the MLP blocks
         assert got["fsdp2_adapm_replicated"] == 8 * LAYERS * (2 * D * R + R * 4 * D + R * D)
+        # mini adds its means over the split axis: per head of q and k (4 each), per row of the value
+        # slice (48), per tensor of the 8 vectors of a layer (norms, biases) and of ln_f's 2
+        assert got["fsdp2_adapm_mini_replicated"] == 8 * (LAYERS * (2 * D * R + R * 4 * D + R * D + 2 * 4 + D + 8) + 2)
     assert per_rank[0]["fsdp2_adapm"] < per_rank[0]["fsdp2_adamw"] < per_rank[0]["ddp_adapm"]
 
 

@@ -151,6 +151,7 @@ def memory(rank, world):
     mini = AdaPM(shard(build_model()).named_parameters(), **CASES["adapm_mini"])
     out["fsdp2_adapm_mini_report"] = sum(r["momentum_bytes"] + r["second_moment_bytes"]
                                          for r in mini.memory_report())
+    out["fsdp2_adapm_mini_replicated"] = sum(r["replicated_bytes"] for r in mini.memory_report())
     net = build_model()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     opt = AdaPM(ddp.named_parameters(), **CASES["adapm"])
