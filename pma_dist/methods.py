@@ -8,6 +8,7 @@ name                    what it is                                 schedule over
 ``adamw_pma``           AdamW-PMA, ``variant="paper"`` (default)   K optimizer steps, a PMA period
 ``adamw_pma_reference`` AdamW-PMA, ``variant="reference"``         K optimizer steps, a PMA period
 ``lion_pma``            Lion-PMA                                   K optimizer steps, a PMA period
+``adapm``               AdaPM composed with PMA (``docs/adapm.md``)  K optimizer steps, a PMA period
 ``adamw_ga``            ``torch.optim.AdamW`` + accumulation       1 optimizer step (AdamW-K)
 ``lion_ga``             Lion + accumulation                        1 optimizer step (Lion-K)
 ``adamw``               ``torch.optim.AdamW``, no accumulation     K optimizer steps, each plain
@@ -42,6 +43,7 @@ class Method:
     family: str  # "adamw" | "lion"
     accumulation: str  # PMA: a period of K steps; GA: one step per K micro-batches; PLAIN: a step per micro-batch
     variant: Optional[str] = None  # AdamW-PMA only
+    named_params: bool = False  # built from named_parameters() (AdaPM chooses each block's momentum by name)
 
     @property
     def is_pma(self) -> bool:
@@ -50,6 +52,8 @@ class Method:
     @property
     def deepspeed_type(self) -> str:
         """``optimizer.type`` of the DeepSpeed JSON (registered by ``import pma_dist``)."""
+        if self.name == "adapm":
+            return "AdaPM"
         if self.family == "adamw":
             return "AdamWPMA" if self.is_pma else "AdamW"
         return "LionPMA"
@@ -78,6 +82,10 @@ class Method:
     def build(self, params, k: int, **hyper) -> torch.optim.Optimizer:
         """This method's optimizer over ``params``; ``k`` is the PMA period / GA length of the comparison."""
         kwargs = self.optimizer_params(k, hyper)
+        if self.name == "adapm":
+            from .adapm import AdaPM
+
+            return AdaPM(params, **kwargs)
         if self.family == "lion":
             return LionPMA(params, **kwargs)
         if self.is_pma:
@@ -99,6 +107,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("adamw_pma", "AdamW-PMA", "adamw", PMA, variant="paper"),
     Method("adamw_pma_reference", "AdamW-PMA (reference)", "adamw", PMA, variant="reference"),
     Method("lion_pma", "Lion-PMA", "lion", PMA),
+    Method("adapm", "AdaPM", "adamw", PMA, variant="paper", named_params=True),
     Method("adamw_ga", "AdamW + GA", "adamw", GA),
     Method("lion_ga", "Lion + GA", "lion", GA),
     Method("adamw", "AdamW (no accumulation)", "adamw", PLAIN),

@@ -259,7 +259,7 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
             FSDP2 keeps each rank's shard of its own copy).
         backend: ``"fsdp"`` (FSDP2 ``fully_shard``) or ``"ddp"``.
         optimizer: a training method of :mod:`pma_dist.methods`: ``"adamw_pma"``, ``"adamw_pma_reference"``,
-            ``"lion_pma"`` (step every micro-batch, PMA period K), the GA baselines ``"adamw_ga"``,
+            ``"lion_pma"``, ``"adapm"`` (step every micro-batch, PMA period K), the GA baselines ``"adamw_ga"``,
             ``"lion_ga"`` (step every K micro-batches) or ``"adamw"``, ``"lion"`` (no accumulation).
         optimizer_kwargs: hyper-parameters of the optimizer (lr, betas, weight_decay, ...; not ``period``).
         period: K, the PMA period or the baselines' gradient-accumulation steps (default 8; the
@@ -289,7 +289,10 @@ def setup(model: nn.Module, backend: str, optimizer: str = "adamw_pma", optimize
         wrapped = _wrap_fsdp(model, units, dict(fsdp_kwargs or {}))
     else:
         wrapped = _wrap_ddp(model, dict(ddp_kwargs or {}))
-    built = get_method(optimizer).build(wrapped.parameters(), period, **dict(optimizer_kwargs or {}))
+    method = get_method(optimizer)
+    # AdaPM chooses each block's momentum by parameter name
+    params = wrapped.named_parameters() if method.named_params else wrapped.parameters()
+    built = method.build(params, period, **dict(optimizer_kwargs or {}))
     scheduler = lr_scheduler(built) if lr_scheduler is not None else None
     trainer = ParallelTrainer(wrapped, backend, optimizer, built, period, lr_scheduler=scheduler,
                               max_grad_norm=float(max_grad_norm), fsdp_units=units)
@@ -402,6 +405,8 @@ def comm_meta(trainer: ParallelTrainer, fsdp_kwargs: Optional[dict] = None, ddp_
                                             or getattr(mp_policy, "param_dtype", None) or dtype),
             "fsdp_units": _fsdp_unit_meta(trainer, (fsdp_kwargs or {}).get("reshard_after_forward")),
         }
+        if hasattr(trainer.optimizer, "sharded_blocks"):  # AdaPM's own sums: pma_dist.comm.adapm_model
+            options["fsdp_adapm"] = trainer.optimizer.sharded_blocks()
     else:
         from torch.distributed import _DEFAULT_FIRST_BUCKET_BYTES
 

@@ -156,6 +156,26 @@ def test_warm_started_descent_tracks_best_low_rank_fit(solver):
     assert errors[0] > best.item() * 1.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_refit_of_rank_deficient_and_zero_momentum(dtype):
+    """The Gram QR drops null directions: a rank-2 momentum (below the range finder's k = 11) is fitted
+    exactly by rank 3, a zero one gives zero factors (a plain Cholesky factor exists for neither)."""
+    torch.manual_seed(0)
+    m = torch.randn(40, 2, dtype=dtype) @ torch.randn(2, 30, dtype=dtype)
+    L, R = torch.empty(40, 3, dtype=dtype), torch.empty(3, 30, dtype=dtype)
+    lowrank.fit_factors(m, L, R, seed=3)
+    # rounding only: a few products of 40-long sums, ~1e2 u relative
+    tolerance = 1e2 * torch.finfo(dtype).eps
+    assert torch.linalg.norm(L @ R - m) <= tolerance * torch.linalg.norm(m)
+    lowrank.fit_factors(torch.zeros_like(m), L, R, seed=3)
+    assert torch.equal(L, torch.zeros_like(L)) and torch.equal(R, torch.zeros_like(R))
+    w = torch.nn.Parameter(torch.ones(40, 30, dtype=dtype))
+    opt = AdaPM([("mlp.fc1.weight", w)], lr=0.1, rank_ratio=0.1)
+    w.grad = torch.zeros_like(w)
+    opt.step()  # a zero gradient on a low-rank block: weight decay only, no nan
+    torch.testing.assert_close(w.detach(), torch.full_like(w, 1 - 0.1 * 1e-2))
+
+
 def test_without_residual_correction_the_momentum_is_the_factors():
     """The ablation: the update direction is L R / bc1, checked against the stored factors."""
     torch.manual_seed(0)

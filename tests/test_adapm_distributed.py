@@ -1,5 +1,6 @@
 """AdaPM on 2 ranks: DDP and DeepSpeed ZeRO-0 (JSON ``"type": "AdaPM"``) match a single process;
-ZeRO-1/2/3, DeepSpeed bf16 and FSDP2 are refused with clear errors. One launch for the module."""
+ZeRO-1/2/3 and DeepSpeed bf16 are refused with clear errors (FSDP2 is supported: tests/test_adapm_fsdp.py).
+One launch for the module."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ def test_deepspeed_zero_flat_partitions_are_refused(results, stage):
     assert entry["error"] is not None, "AdaPM trained on flat ZeRO partitions"
     assert entry["where"] == "initialize", "refused only after work began"  # the integration checks at set-up
     assert f"AdaPM cannot run under DeepSpeed ZeRO stage {stage}" in entry["error"]
+    assert "use FSDP2 instead" in entry["error"]  # the way out for sharded training
 
 
 def test_deepspeed_bf16_wrapper_is_refused(results):
@@ -50,9 +52,10 @@ def test_deepspeed_bf16_wrapper_is_refused(results):
     assert entry["error"] is not None and "bf16 optimizer wrapper" in entry["error"]
 
 
-def test_fsdp2_dtensor_parameters_are_refused(results):
-    entry = _no_crash(results["fsdp2"])
-    assert "FSDP2/DTensor" in entry["error"] and "'q_proj.weight'" in entry["error"] and "Shard(dim=0)" in entry["error"]
+def test_dtensor_layouts_other_than_fsdp2_row_shards_are_refused(results):
+    entry = _no_crash(results["replicated_dtensor"])
+    assert "Shard(0) on a 1-D mesh" in entry["error"] and "'q_proj.weight'" in entry["error"]
+    assert "Replicate()" in entry["error"]
 
 
 def test_package_exports_adapm(results):

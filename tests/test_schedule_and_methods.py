@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pma_dist import AdamWPMA, LionPMA
+from pma_dist import AdaPM, AdamWPMA, LionPMA
 from pma_dist.methods import METHODS, get_method, method_names, schedule_of_optimizer
 from pma_dist.schedule import MicroStepSchedule, PMAPhase
 
@@ -64,6 +64,7 @@ EXPECTED = {  # name: (optimizer class, period it gets at K=4, variant, DeepSpee
     "adamw_pma": (AdamWPMA, 4, "paper", "AdamWPMA", 1, (1, 4)),
     "adamw_pma_reference": (AdamWPMA, 4, "reference", "AdamWPMA", 1, (1, 4)),
     "lion_pma": (LionPMA, 4, None, "LionPMA", 1, (1, 4)),
+    "adapm": (AdaPM, 4, "paper", "AdaPM", 1, (1, 4)),
     "adamw_ga": (torch.optim.AdamW, None, None, "AdamW", 4, (4, 1)),
     "lion_ga": (LionPMA, 1, None, "LionPMA", 4, (4, 1)),
     "adamw": (torch.optim.AdamW, None, None, "AdamW", 1, (1, 1)),
@@ -88,7 +89,7 @@ def test_method_table(name):
 
 def test_method_names_are_one_table():
     assert set(METHODS) == set(EXPECTED)
-    assert method_names("pma") == ("adamw_pma", "adamw_pma_reference", "lion_pma")
+    assert method_names("pma") == ("adamw_pma", "adamw_pma_reference", "lion_pma", "adapm")
     assert len({m.display for m in METHODS.values()}) == len(METHODS)
     with pytest.raises(ValueError, match="unknown training method 'adamw_k'.*adamw_pma.*lion"):
         get_method("adamw_k")

@@ -12,6 +12,11 @@ Composition with PMA: ``period=K > 1`` reads :class:`pma_dist.schedule.PMAPhase`
 decays and gradient weights (applied to the full momentum, to ``L R`` and to ``v``), the small-step
 learning-rate factor and the bias corrections, exactly like AdamW-PMA; ``period=1`` with the
 default ``variant="paper"`` is plain AdaPM.
+
+FSDP2: parameters sharded by ``fully_shard`` (``Shard(0)`` DTensors) are updated on their local rows
+(:mod:`pma_dist.adapm.sharding`); the states are DTensors split like the rows they belong to, the
+low-rank factor across the split axis replicated, and the few sums over ranks the low-rank algebra and
+AdaPM-mini's block means need are all-reduces over the parameter's mesh.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from ..optim import (PMAOptimizer, _check_betas, _check_eps, _check_lr, _check_p
 from ..coefficients import ADAMW_SMALL_LR_POWER, AdamWStepCoefficients
 from ..schedule import PMAPhase, bias_corrections
 from . import lowrank
+from .sharding import RowShard, local, row_shard_of
 from .policy import ParamPlan, Segment, check_overrides, plan_param
 
 __all__ = ["AdaPM"]
@@ -107,6 +113,7 @@ class AdaPM(PMAOptimizer):
         self.mini = mini
         self._param_names = param_names or {}
         self._plans: Dict[Tensor, ParamPlan] = {}
+        self._shards: Dict[Tensor, Optional[RowShard]] = {}  # FSDP2: this rank's rows of each parameter
         self._fresh: set = set()  # params whose low-rank factors were created this step: fit by SVD
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, update_interval=update_interval, inner_steps=inner_steps,
@@ -145,8 +152,10 @@ class AdaPM(PMAOptimizer):
                     stacklevel=3)
             names = [n if n is not None else f"<unnamed {i}>" for i, n in enumerate(names)]
         for name, p in zip(names, group["params"]):
-            _refuse_sharded(name, p)
-            self._plans[p] = plan_param(name, tuple(p.shape), overrides=self._overrides, **self._structure)
+            shard = row_shard_of(name, p)
+            plan = plan_param(name, tuple(p.shape), overrides=self._overrides, **self._structure)
+            _check_shardable(plan, shard)
+            self._plans[p], self._shards[p] = plan, shard
 
     def plan(self, p: Tensor) -> ParamPlan:
         try:
@@ -156,7 +165,8 @@ class AdaPM(PMAOptimizer):
                 f"AdaPM was asked to update a parameter it was not constructed with (shape {tuple(p.shape)}). "
                 "AdaPM plans each weight matrix by name and shape at construction; DeepSpeed ZeRO stages 1-3 "
                 "(flat 1-D partitions) and its bf16/fp16 wrappers (fp32 master copies) swap in other tensors, "
-                "which AdaPM does not support. Use ZeRO stage 0 in fp32, DDP, or a single process.") from None
+                "which AdaPM does not support. For sharded training use FSDP2 instead (fully_shard); else ZeRO "
+                "stage 0 in fp32, DDP, or a single process.") from None
 
     def check_deepspeed_engine(self, engine) -> None:
         """Refuse DeepSpeed set-ups that hand the optimizer other tensors than the model's weights."""
@@ -165,7 +175,9 @@ class AdaPM(PMAOptimizer):
             raise ValueError(
                 f"AdaPM cannot run under DeepSpeed ZeRO stage {stage}: ZeRO-1/2/3 give the optimizer flat 1-D "
                 "partitions, which lose the weight matrices' shapes that AdaPM's low-rank momentum and block "
-                'policy need. Use "zero_optimization": {"stage": 0} (fp32), or DDP.')
+                'policy need. For sharded training use FSDP2 instead (torch.distributed.fsdp.fully_shard, then '
+                'AdaPM(model.named_parameters(), ...): AdaPM updates its row shards); or DeepSpeed with '
+                '"zero_optimization": {"stage": 0} (fp32), or DDP.')
         for flag, enabled in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())):
             if enabled:
                 raise ValueError(
@@ -177,28 +189,39 @@ class AdaPM(PMAOptimizer):
         state = self.state[p]
         if state:
             return state
-        plan = self.plan(p)
+        plan, shard = self.plan(p), self._shards.get(p)
         dtype = F.state_dtype(p)
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
-        for key, shape in self._state_shapes(plan).items():
-            state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        for key, (shape, split) in self._state_layout(plan).items():
+            if shard is None:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+            else:
+                zeros = torch.zeros(_local_shape(shape, split, shard), dtype=dtype, device=local(p).device)
+                state[key] = shard.state(zeros, shape, split)
         if any(seg.kind == "lowrank" for seg in plan.segments):
             self._fresh.add(p)
         return state
 
     def _state_shapes(self, plan: ParamPlan) -> Dict[str, Tuple[int, ...]]:
-        """Name -> shape of every state tensor of one parameter (besides ``step``)."""
-        shapes = {}
+        """Name -> (whole, unsharded) shape of every state tensor of one parameter (besides ``step``)."""
+        return {key: shape for key, (shape, _) in self._state_layout(plan).items()}
+
+    def _state_layout(self, plan: ParamPlan) -> Dict[str, Tuple[Tuple[int, ...], Optional[int]]]:
+        """Name -> (shape, the axis split like the weight's rows under FSDP2, or None: replicated)."""
+        layout = {}
         for i, seg in enumerate(plan.segments):
             suffix = _suffix(i, plan)
             mshape = seg.matrix_shape(plan.shape)
+            split = _split_axis(seg, len(plan.shape))  # the block matrix's axis that holds the weight's rows
             if seg.kind == "full":
-                shapes["exp_avg" + suffix] = mshape
+                layout["exp_avg" + suffix] = (mshape, split)
             elif seg.kind == "lowrank":
-                shapes["exp_avg_L" + suffix] = (mshape[0], seg.rank)
-                shapes["exp_avg_R" + suffix] = (seg.rank, mshape[1])
-            shapes["exp_avg_sq" + suffix] = _second_moment_shape(seg, mshape, self.mini)
-        return shapes
+                layout["exp_avg_L" + suffix] = ((mshape[0], seg.rank), 0 if split == 0 else None)
+                layout["exp_avg_R" + suffix] = ((seg.rank, mshape[1]), 1 if split == 1 else None)
+            vshape = _second_moment_shape(seg, mshape, self.mini)
+            keeps_rows = not self.mini or seg.partition == "element" or (seg.partition == "row" and split == 0)
+            layout["exp_avg_sq" + suffix] = (vshape, split if keeps_rows else None)
+        return layout
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Refuse, before loading anything, state whose tensors do not fit this optimizer's plan."""
@@ -217,6 +240,8 @@ class AdaPM(PMAOptimizer):
                     f"expects {expected}. Was it saved with another rank_ratio, mini, num_heads, num_kv_heads, qkv_sizes or "
                     "policy_overrides?")
         super().load_state_dict(state_dict)
+        # loaded factors continue; only parameters still without state get the first-step fit
+        self._fresh = {p for p in self._fresh if not self.state.get(p)}
 
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> List[dict]:
@@ -225,44 +250,84 @@ class AdaPM(PMAOptimizer):
         Computed from the plan (no step needed). ``momentum_bytes`` counts ``exp_avg`` and the
         low-rank factors, ``second_moment_bytes`` counts ``exp_avg_sq``; AdamW keeps one full
         ``exp_avg`` and ``exp_avg_sq`` each. The 4-byte ``step`` scalar, common to both, is left out.
+        Under FSDP2 every count is this rank's: its rows' share of the split states plus the whole
+        replicated ones (a low-rank block's factor across the split axis, AdaPM-mini's per-head and
+        per-tensor means), which ``replicated_bytes`` repeats; AdamW's are its shard of the weight.
         """
         rows = []
         for group in self.param_groups:
             for p in group["params"]:
-                plan = self.plan(p)
+                plan, shard = self.plan(p), self._shards.get(p)
                 item = torch.finfo(F.state_dtype(p)).bits // 8
-                momentum = second = 0
-                for key, shape in self._state_shapes(plan).items():
-                    size = math.prod(shape) * item
+                momentum = second = replicated = 0
+                for key, (shape, split) in self._state_layout(plan).items():
+                    size = math.prod(_local_shape(shape, split, shard)) * item
                     if key.startswith("exp_avg_sq"):
                         second += size
                     else:
                         momentum += size
+                    if shard is not None and split is None:
+                        replicated += size
+                numel = local(p).numel()
                 rows.append(dict(name=plan.name, shape=plan.shape,
                                  policy="+".join(f"{s.role}:{s.kind}" + (f"(r={s.rank})" if s.rank else "")
                                                  for s in plan.segments),
-                                 momentum_bytes=momentum, second_moment_bytes=second,
-                                 adamw_momentum_bytes=p.numel() * item, adamw_second_moment_bytes=p.numel() * item))
+                                 momentum_bytes=momentum, second_moment_bytes=second, replicated_bytes=replicated,
+                                 adamw_momentum_bytes=numel * item, adamw_second_moment_bytes=numel * item))
         return rows
 
     def state_bytes(self) -> Dict[str, int]:
-        """Bytes actually held in ``self.state`` per parameter name (``step`` excluded)."""
+        """Bytes actually held in ``self.state`` on this rank per parameter name (``step`` excluded)."""
         out = {}
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p, {})
-                out[self.plan(p).name] = sum(t.numel() * t.element_size() for k, t in state.items()
+                out[self.plan(p).name] = sum(local(t).numel() * local(t).element_size() for k, t in state.items()
                                              if k != "step" and torch.is_tensor(t))
         return out
 
+    def sharded_blocks(self) -> List[dict]:
+        """The blocks of FSDP2-sharded parameters, as :mod:`pma_dist.comm.adapm_model` reads them: kind,
+        whole matrix shape, rank, which axis of the block the row shards split, the elements of
+        AdaPM-mini's per-step sum over ranks (0 if none), the group's refit interval and descent steps,
+        and the state dtype's size."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                plan, shard = self.plan(p), self._shards.get(p)
+                if shard is None:
+                    continue
+                ndim = len(plan.shape)
+                for seg in plan.segments:
+                    split = _split_axis(seg, ndim)
+                    mshape = seg.matrix_shape(plan.shape)
+                    mini_sum = 0
+                    if self.mini and seg.partition == "tensor":
+                        mini_sum = 1
+                    elif self.mini and seg.partition == "head":
+                        mini_sum = seg.heads
+                    elif self.mini and seg.partition == "row" and split == 1:
+                        mini_sum = mshape[0]
+                    out.append(dict(name=plan.name, kind=seg.kind, shape=list(mshape), rank=seg.rank,
+                                    split="rows" if split == 0 else "cols", mini_sum_elements=mini_sum,
+                                    update_interval=group["update_interval"], inner_steps=group["inner_steps"],
+                                    dtype_bytes=torch.finfo(F.state_dtype(p)).bits // 8))
+        return out
+
     # ------------------------------------------------------------------ step
+    def _collect(self, group, step_before):
+        # Local gradients keep the base class from swapping FSDP2 parameters for their local shards:
+        # the update needs the DTensor itself (its plan, its rows, its mesh).
+        params, grads, moments = super()._collect(group, step_before)
+        return params, [local(g) for g in grads], moments
+
     def _update_foreach(self, ps, gs, moments, phase, group):
         for p, g in zip(ps, gs):
             self._update_tensor(p, g, [], phase, group)
 
     def _update_tensor(self, p: Tensor, g: Tensor, moments, phase: PMAPhase, group: dict) -> None:
-        plan = self.plan(p)
-        state = self.state[p]
+        plan, shard = self.plan(p), self._shards.get(p)
+        state = {key: local(t) for key, t in self.state[p].items()}
         refit = p in self._fresh or (phase.step - 1) % group["update_interval"] == 0
         self._fresh.discard(p)
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -275,13 +340,15 @@ class AdaPM(PMAOptimizer):
         lr = float(group["lr"]) * phase.lr_factor(ADAMW_SMALL_LR_POWER)
         clip = group["update_clip"]
 
-        theta = F._compute_view(p)
+        p_local = local(p)
+        theta = F._compute_view(p_local)
         grad = F._compute_view(g)
         theta.mul_(scalars.param_scale)
         ndim = len(plan.shape)
         for i, seg in enumerate(plan.segments):
             suffix = _suffix(i, plan)
-            gs = seg.view(grad, ndim)
+            split = _split_axis(seg, ndim) if shard is not None else None
+            gs = _segment_view(seg, grad, ndim, split)
             if seg.kind == "none":
                 direction = gs
             elif seg.kind == "full":
@@ -292,24 +359,25 @@ class AdaPM(PMAOptimizer):
                 L, R = state["exp_avg_L" + suffix], state["exp_avg_R" + suffix]
                 corrected, _ = lowrank.debiased_lowrank_momentum(
                     gs, L, R, beta1=beta1, decay=phase.decay(beta1), grad_weight=phase.grad_weight, refit=refit,
-                    inner_steps=group["inner_steps"], solver=group["solver"], seed=phase.step)
+                    inner_steps=group["inner_steps"], solver=group["solver"], seed=phase.step,
+                    layout=_block_layout(seg, plan, shard))
                 if not group["residual_correction"]:  # the paper's ablation: the plain low-rank momentum
                     corrected = L @ R
                 direction = corrected.div_(bc1)
             exp_avg_sq = state["exp_avg_sq" + suffix]
-            exp_avg_sq.mul_(scalars.decay2).add_(
-                _block_mean_sq(gs, seg, exp_avg_sq.shape, self.mini), alpha=scalars.grad_coef2)
-            denom = F.adamw_pma_denominator(_expand(exp_avg_sq, seg, gs.shape, self.mini), scalars)
+            blocks = _Blocks(seg, plan, shard, split)
+            exp_avg_sq.mul_(scalars.decay2).add_(blocks.mean_sq(gs, self.mini), alpha=scalars.grad_coef2)
+            denom = F.adamw_pma_denominator(blocks.expand(exp_avg_sq, gs.shape, self.mini), scalars)
             update = direction / denom
             if clip is not None:
                 update.clamp_(-float(clip), float(clip))
-            seg.view(theta, ndim).add_(update, alpha=-lr)
+            _segment_view(seg, theta, ndim, split).add_(update, alpha=-lr)
             if scalars.rescale != 1.0:  # the paper variant's large step
                 for key in ("exp_avg", "exp_avg_L", "exp_avg_sq"):
                     if key + suffix in state:
                         state[key + suffix].mul_(scalars.rescale)
-        if theta is not p:
-            p.copy_(theta)
+        if theta is not p_local:
+            p_local.copy_(theta)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -329,25 +397,83 @@ def _second_moment_shape(seg: Segment, mshape: Tuple[int, ...], mini: bool) -> T
     return (seg.heads,)
 
 
-def _block_mean_sq(g: Tensor, seg: Segment, vshape, mini: bool) -> Tensor:
-    """The squared gradient averaged over each second-moment block (the whole square if per entry)."""
-    sq = g * g
-    if not mini or seg.partition == "element":
-        return sq
-    if seg.partition == "tensor":
-        return sq.mean()
-    if seg.partition == "row":
-        return sq.mean(dim=1)
-    return sq.reshape(vshape[0], -1).mean(dim=1)
+class _Blocks:
+    """AdaPM-mini's second-moment blocks of one segment: the squared gradient summed per block (over
+    ranks where a block spans the split axis), divided by the block's whole size, and expanded back.
+    Sums then one division on both paths, so a single process and FSDP2 compute the same numbers."""
+
+    def __init__(self, seg: Segment, plan: ParamPlan, shard: Optional[RowShard], split: Optional[int]):
+        self.seg, self.shard, self.split = seg, shard, split
+        self.whole = seg.matrix_shape(plan.shape)
+        self.row_start = shard.start if split == 0 else 0  # global index of this rank's first block row
+
+    def _sum(self, t: Tensor, over_split: bool) -> Tensor:
+        return self.shard.sum(t)[0] if over_split and self.split is not None else t
+
+    def mean_sq(self, g: Tensor, mini: bool) -> Tensor:
+        sq = g * g
+        seg = self.seg
+        if not mini or seg.partition == "element":
+            return sq
+        if seg.partition == "tensor":
+            return self._sum(sq.sum(), True) / math.prod(self.whole)
+        row_sums = sq.sum(dim=1)
+        if seg.partition == "row":
+            return self._sum(row_sums, self.split == 1) / self.whole[1]
+        rows_per_head = self.whole[0] // seg.heads
+        heads = torch.arange(self.row_start, self.row_start + g.shape[0], device=g.device) // rows_per_head
+        head_sums = torch.zeros(seg.heads, dtype=sq.dtype, device=sq.device).index_add_(0, heads, row_sums)
+        return self._sum(head_sums, True) / (rows_per_head * self.whole[1])
+
+    def expand(self, v: Tensor, gshape, mini: bool) -> Tensor:
+        seg = self.seg
+        if not mini or seg.partition in ("element", "tensor"):
+            return v
+        if seg.partition == "row":
+            return v[:, None]
+        rows = v.repeat_interleave(self.whole[0] // seg.heads)
+        return rows[self.row_start:self.row_start + gshape[0]][:, None]
 
 
-def _expand(v: Tensor, seg: Segment, gshape, mini: bool) -> Tensor:
-    if not mini or seg.partition in ("element", "tensor"):
-        return v
-    if seg.partition == "row":
-        return v[:, None]
-    heads = v.shape[0]
-    return v.repeat_interleave(gshape[0] // heads)[:, None]
+def _split_axis(seg: Segment, ndim: int) -> int:
+    """The axis of the segment's matrix (or of a vector/other tensor) that runs along the weight's rows."""
+    return 1 if ndim == 2 and seg.out_axis == 1 else 0
+
+
+def _segment_view(seg: Segment, t: Tensor, ndim: int, split: Optional[int]) -> Tensor:
+    if split == 0 and ndim == 2:  # rows split: the segment is the whole local shard (_check_shardable)
+        return t
+    return seg.view(t, ndim)
+
+
+def _block_layout(seg: Segment, plan: ParamPlan, shard: Optional[RowShard]) -> lowrank.BlockLayout:
+    whole = seg.matrix_shape(plan.shape)
+    if shard is None:
+        return lowrank.BlockLayout(whole)
+    if seg.out_axis == 0:
+        return lowrank.BlockLayout(whole, sum_rows=shard.sum)
+    return lowrank.BlockLayout(whole, sum_cols=shard.sum, col_start=shard.start)
+
+
+def _local_shape(shape: Tuple[int, ...], split: Optional[int], shard: Optional[RowShard]) -> Tuple[int, ...]:
+    if shard is None or split is None:
+        return tuple(shape)
+    return tuple(shard.stop - shard.start if axis == split else size for axis, size in enumerate(shape))
+
+
+def _check_shardable(plan: ParamPlan, shard: Optional[RowShard]) -> None:
+    """Blocks cut along the split rows (a fused QKV stored ``(3d, d)``) have no DTensor layout for their
+    states (on any mesh: a checkpoint must reshard onto other world sizes); refuse them before any
+    work, naming the way out."""
+    if shard is None or len(plan.shape) != 2:
+        return
+    if any(seg.out_axis == 0 for seg in plan.segments) and len(plan.segments) > 1:
+        raise ValueError(
+            f"AdaPM under FSDP2 cannot split parameter {plan.name!r} of shape {plan.shape} into "
+            f"{'/'.join(s.role for s in plan.segments)} blocks along its sharded first axis (FSDP2's row "
+            "shards do not follow the block boundaries). Store the fused weight as (in, 3 * out) like GPT-2's "
+            "Conv1D, use separate q/k/v projections, or pass policy_overrides={<its name>: 'lowrank' | 'full' | "
+            "'none'} to treat it as one block.")
 
 
 def _deepspeed_param_name(p: Tensor) -> Optional[str]:
@@ -358,18 +484,6 @@ def _deepspeed_param_name(p: Tensor) -> Optional[str]:
     if names is None or p not in names:
         return None
     return names[p]
-
-
-def _refuse_sharded(name: str, p: Tensor) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return
-    if isinstance(p, DTensor):
-        raise TypeError(
-            f"AdaPM does not support FSDP2/DTensor-sharded parameters (parameter {name!r} is a DTensor with "
-            f"placements {tuple(p.placements)}): its low-rank momentum needs whole matrices. Use DDP or DeepSpeed "
-            "ZeRO stage 0 instead.")
 
 
 def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:

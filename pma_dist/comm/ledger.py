@@ -39,7 +39,7 @@ import torch.distributed.distributed_c10d as c10d
 FORMAT_VERSION = 1
 WRITE_BUDGET = 0.01  # periodic rewrites may take at most this share of the wall time ...
 WRITE_FREE_SECONDS = 0.02  # ... once a single write takes longer than this
-PHASES = ("forward", "backward", "step", "other")
+PHASES = ("forward", "backward", "step", "other", "adapm")  # adapm: AdaPM's sharded sums, inside its step
 PMA_KINDS = ("small", "large")
 GA_KINDS = ("accumulate", "boundary")
 NO_KIND = "none"

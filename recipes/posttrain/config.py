@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with records longer than --max-length (always counted and reported)")
     p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (--backend deepspeed only)")
-    p.add_argument("--optimizer", choices=tuple(METHODS), default=None,
+    # AdaPM is built from named parameters (torch_parallel.setup, the DeepSpeed JSON type "AdaPM"), not by this job
+    p.add_argument("--optimizer", choices=tuple(m for m in METHODS if not METHODS[m].named_params), default=None,
                    help="training method (pma_dist.methods): PMA, gradient accumulation (_ga) or none (adamw, lion)")
     p.add_argument("--period", type=int, default=None,
                    help="K: PMA period, or the micro-batches adamw_ga/lion_ga accumulate")

@@ -6,7 +6,8 @@ Rank 0 writes OUT.json. Checks:
 * ddp / zero0: AdaPM under DDP, and built by DeepSpeed from ``{"type": "AdaPM"}`` with ZeRO stage 0,
   equals a single-process AdaPM run on the global batch (float64, every block policy present);
 * zero1/zero2/zero3: DeepSpeed ZeRO stages that flatten parameters are refused at initialize;
-* fsdp2: FSDP2 (DTensor-sharded) parameters are refused at construction.
+* replicated_dtensor: DTensor parameters in another layout than FSDP2's row shards are refused at
+  construction (FSDP2 itself: tests/workers/adapm_fsdp.py).
 """
 from __future__ import annotations
 
@@ -137,10 +138,15 @@ def run_refused(rank, world, stage, dtype_section=None):
     return {"error": None, "where": None}
 
 
-def run_fsdp2():
-    from torch.distributed.fsdp import fully_shard
+def run_replicated_dtensor():
+    from deepspeed.accelerator import get_accelerator
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
     net = model(torch.float32)
-    fully_shard(net)
+    mesh = init_device_mesh(get_accelerator().device_name(), (dist.get_world_size(),))
+    for name, p in list(net.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(module_name), attr, nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()])))
     try:
         AdaPM(net.named_parameters(), **OPT)
     except Exception as err:  # noqa: BLE001
@@ -160,7 +166,7 @@ def main():
               ("zero1", lambda: run_refused(rank, world, 1)), ("zero2", lambda: run_refused(rank, world, 2)),
               ("zero3", lambda: run_refused(rank, world, 3)),
               ("bf16_zero0", lambda: run_refused(rank, world, 0, {"bf16": {"enabled": True}})),
-              ("fsdp2", run_fsdp2)]
+              ("replicated_dtensor", run_replicated_dtensor)]
     for name, check in checks:
         try:
             results[name] = check()
