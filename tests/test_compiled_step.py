@@ -148,10 +148,12 @@ def unique_graphs() -> int:
 
 
 # --- tests -------------------------------------------------------------------------------------------------
-def test_one_compile_per_function_across_steps_phases_and_variants():
+def graphs_compiled_over_two_periods(device="cpu") -> int:
+    """Graphs compiled while both AdamW-PMA variants and Lion-PMA step over two periods and a bit, with
+    the hyper-parameters changing too: 2 (one per function) if neither step, phase nor variant recompiles."""
     torch._dynamo.reset()  # count from a clean cache, whatever ran before
     before = unique_graphs()
-    params = make_tensors(torch.float32)
+    params = make_tensors(torch.float32, device)
     for variant in ("paper", "reference"):
         m, v = zeros_state(params), zeros_state(params)
         for t in range(1, 2 * PERIOD + 2):  # small, small, large, small, small, large, small
@@ -162,7 +164,11 @@ def test_one_compile_per_function_across_steps_phases_and_variants():
     # hyper-parameters change between calls too: still no recompile
     compiled.adamw_pma_compiled(params, gradients(params, 99), m, v, phase=PMAPhase(step=8, period=5),
                                 lr=3e-4, beta1=0.8, beta2=0.9, eps=1e-3, weight_decay=0.0, variant="paper")
-    assert unique_graphs() - before == 2, "expected one graph for AdamW-PMA (both variants) and one for Lion-PMA"
+    return unique_graphs() - before
+
+
+def test_one_compile_per_function_across_steps_phases_and_variants():
+    assert graphs_compiled_over_two_periods() == 2, "expected one graph for AdamW-PMA (both variants), one for Lion-PMA"
 
 
 @pytest.mark.parametrize("kind", ["paper", "reference", "lion"])
