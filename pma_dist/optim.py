@@ -272,9 +272,10 @@ class PMAOptimizer(torch.optim.Optimizer):
                         self._update_fused(p, g, ms, phase, group)
                     else:
                         self._update_foreach(p, g, ms, phase, group)
-            step_tensor = torch.tensor(float(t), dtype=torch.float32)
             for p in params:
-                self.state[p]["step"].copy_(step_tensor)
+                # fill_, not a copy from a CPU tensor: the counter may live on the GPU (torch's load_state_dict
+                # moves it there for fused=True groups), and filling it queues a kernel without a host sync
+                self.state[p]["step"].fill_(float(t))
             group["step"] = t
         return loss
 

@@ -115,6 +115,25 @@ def test_step_does_not_synchronise_with_the_host(cls, path):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.cuda
+def test_step_after_load_state_dict_does_not_synchronise():
+    """torch's load_state_dict may move the per-tensor step counters of fused=True groups onto the GPU (its
+    rule for fused optimizers); the step that follows must still only queue work."""
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in cs.SHAPES]
+    opt = AdamWPMA(params, period=3, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0] * len(params)
+
+
 # --- one GPU under DeepSpeed, FSDP2 and the ledger ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu_suite(tmp_path_factory):
