@@ -241,3 +241,48 @@ def test_gpu_suite_worker_runs_on_cpu(tmp_path):
     assert ledger["records"] == [["backward", "all_reduce", 1, 16], ["backward", "broadcast", 1, 56],
                                  ["backward", "reduce_scatter", 1, 12], ["forward", "all_gather", 1, 12],
                                  ["forward", "all_reduce", 2, 24]]
+
+
+# --- benchmarks/gpu_check.py without a GPU ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU toy mode only: on a GPU this is the full GPU check")
+def test_gpu_check_cpu_toy_run(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].startswith("gpu_check: no CUDA device: CPU toy run")
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert r["mode"] == "cpu-toy" and (tmp_path / "gpu_check.md").exists()
+    counts = r["tests"]["counts"]
+    assert counts.get("skipped", 0) >= 8 and not counts.get("failed") and not counts.get("passed")
+    rows = r["step"]["rows"]
+    assert {(x["dtype"], x["impl"]) for x in rows} == {(d, i) for d in ("float32", "bfloat16")
+                                                      for i in ("pma_compiled", "pma_foreach", "torch_adamw_fused")}
+    assert all(x["median_ms"] > 0 and x["params"] == 4 * 2 ** 16 for x in rows)
+    by = {(x["dtype"], x["impl"]): x["bytes_per_param"] for x in rows}
+    assert by[("float32", "pma_compiled")] == by[("float32", "torch_adamw_fused")] == 28
+    ds = r["deepspeed"]["rows"]
+    assert [(x["zero_stage"], x["mode"]) for x in ds] == [(s, m) for s in (2, 3) for m in ("ga", "pma_foreach", "pma_fused")]
+    assert all(x["finite"] and x["s_per_micro_step"] > 0 for x in ds)
+    assert set(r["goals"].values()) == {"not measured"}
+
+
+def test_gpu_check_goals_are_judged_from_a_cuda_run():
+    from tests.launching import load_script
+
+    gc = load_script("benchmarks/gpu_check.py")
+    row = dict(size="1B", dtype="float32")
+    results = {"mode": "cuda", "step": {"rows": [
+        dict(row, impl="pma_compiled", median_ms=10.4, fraction_of_datasheet_peak=0.81),
+        dict(row, impl="torch_adamw_fused", median_ms=10.0, fraction_of_datasheet_peak=0.84)]},
+        "deepspeed": {"rows": [dict(zero_stage=3, mode="pma_foreach", vs_ga=1.08),
+                               dict(zero_stage=3, mode="pma_fused", vs_ga=1.04)]}}
+    assert gc.goals(results) == {"step_vs_torch_fused": "1.04x (met)", "bandwidth_fraction": "81% of datasheet (met)",
+                                 "zero3_pma_vs_ga": "1.04x (pma_fused; met)"}
+    results["step"]["rows"][0].update(median_ms=11.0, fraction_of_datasheet_peak=0.5)
+    goals = gc.goals(results)
+    assert goals["step_vs_torch_fused"] == "1.10x (missed)" and goals["bandwidth_fraction"] == "50% of datasheet (missed)"
+    assert set(gc.goals(dict(results, mode="cpu-toy")).values()) == {"not measured"}

@@ -8,7 +8,8 @@ against the foreach path's ~88 B/param, see :data:`STEP_BYTES_PER_PARAM`).
 
 No recompile per step or per phase. The step's scalars (:mod:`pma_dist.coefficients`) reach the
 kernel as tensor data, not as Python numbers the graph would specialise on: one small fp32 tensor per
-call, copied to the device from pinned memory without blocking (no host synchronisation per step).
+call (of the state dtype), copied to the device from pinned memory without blocking (no host
+synchronisation per step).
 The phase-dependent branches of the foreach path are expressed as arithmetic whose neutral form is
 exact: ``rescale`` is 1 where the foreach path skips the rescale (``x * 1 == x``), and the two
 placements of ``eps`` are ``(sqrt(v) + eps_inner) / divisor + eps_outer`` with one of the two eps 0
@@ -171,7 +172,8 @@ def adamw_pma_compiled(
     eps_inner, eps_outer = (c.eps, 0.0) if c.eps_before_divide else (0.0, c.eps)
     scalars = _device_scalars([c.decay1, c.grad_coef1, c.decay2, c.grad_coef2, c.param_scale, eps_inner,
                                c.divisor, eps_outer, c.step_coef, c.rescale], params[0])
-    _compiled("adamw")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), scalars)
+    with torch.no_grad():  # also when called outside an optimizer's step (parameters are leaves that need grad)
+        _compiled("adamw")(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), scalars)
 
 
 def lion_pma_compiled(
@@ -192,7 +194,8 @@ def lion_pma_compiled(
     c = LionStepCoefficients.for_step(phase, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     scalars = _device_scalars([c.param_scale, c.decay1, c.grad_coef1, c.step_alpha, c.decay2, c.grad_coef2,
                                c.rescale], params[0])
-    _compiled("lion")(list(params), list(grads), list(exp_avgs), scalars)
+    with torch.no_grad():
+        _compiled("lion")(list(params), list(grads), list(exp_avgs), scalars)
 
 
 def _require_supported(params, grads, *moments) -> None:
