@@ -51,7 +51,7 @@ COMPILED_DEVICE_TYPES = ("cuda", "xpu", "cpu")
 STEP_BYTES_PER_PARAM = {
     ("adamw", "compiled", torch.float32): 28, ("adamw", "compiled", torch.bfloat16): 22,
     ("adamw", "foreach", torch.float32): 88, ("adamw", "foreach", torch.bfloat16): 88 + 18,
-    ("lion", "compiled", torch.float32): 16, ("lion", "compiled", torch.bfloat16): 12,
+    ("lion", "compiled", torch.float32): 20, ("lion", "compiled", torch.bfloat16): 14,
     ("lion", "foreach", torch.float32): 68, ("lion", "foreach", torch.bfloat16): 68 + 18,
 }
 
