@@ -242,3 +242,33 @@ def test_compiled_step_names_a_bad_bucket():
     with pytest.raises(ValueError, match="gradient 1"):
         compiled.lion_pma_compiled(params, [params[0], params[0], params[2]], m, phase=PMAPhase(1, 2), **LION)
     assert "no code for 'mps'" in compiled.unavailable_reason("mps")
+
+
+def test_step_bytes_of_the_one_pass_paths_are_each_input_read_and_each_output_written_once():
+    def one_pass(param_bytes, reads, writes):  # moments fp32 (4 B); the parameter in its dtype
+        return sum(param_bytes if t in ("p", "g") else 4 for t in reads) + \
+            sum(param_bytes if t == "p" else 4 for t in writes)
+
+    for dtype, nbytes in ((torch.float32, 4), (torch.bfloat16, 2)):
+        assert compiled.STEP_BYTES_PER_PARAM[("adamw", "compiled", dtype)] == one_pass(nbytes, "pgmv", "pmv")
+        assert compiled.STEP_BYTES_PER_PARAM[("lion", "compiled", dtype)] == one_pass(nbytes, "pgm", "pm")
+        for kind in ("adamw", "lion"):
+            assert compiled.STEP_BYTES_PER_PARAM[(kind, "foreach", dtype)] > 3 * compiled.STEP_BYTES_PER_PARAM[
+                (kind, "compiled", dtype)]
+
+
+def test_entry_point_updates_leaf_parameters_outside_no_grad():
+    """Called directly (not from an optimizer's no_grad step) on parameters that need grad, as a benchmark does."""
+    params = [p.requires_grad_() for p in make_tensors(torch.float32)]
+    before = [p.detach().clone() for p in params]
+    ref = [p.clone() for p in before]
+    m, ref_m = zeros_state(params), zeros_state(params)
+    grads = gradients(params, 1)
+    c = LionStepCoefficients.for_step(PMAPhase(step=1, period=PERIOD), **LION)
+    bounds = [lion_step_bound(p, g, m0, c) for p, g, m0 in zip(before, grads, zeros_state(params))]
+    run_lion("compiled", params, grads, m, 1)
+    run_lion("foreach", ref, grads, ref_m, 1)
+    for p, q, b, (exact, bound, _) in zip(params, ref, before, bounds):
+        assert p.requires_grad and p.grad is None
+        assert not torch.equal(p.detach(), b)  # it moved
+        assert_within("lion outside no_grad", p.detach(), q, bound, exact)
