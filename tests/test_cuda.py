@@ -184,6 +184,16 @@ def test_deepspeed_fused_true_runs_the_compiled_step(gpu_suite):
     assert result["compiled_calls"] == 2 * result["steps"]  # ZeRO-2: one flat fp32 partition per group
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["zero2_offload_adamwpma", "zero3_offload_lionpma"])
+def test_deepspeed_offload_steps_on_cpu_for_a_gpu_model(gpu_suite, name):
+    result = case(gpu_suite, "deepspeed", name)
+    opt_name = "AdamWPMA" if "adamw" in name else "LionPMA"
+    assert result["finite"] and result["rel_err"] <= BF16_REL_ERR[opt_name], result
+    assert result["group_steps"] == [result["steps"]] * 2
+    assert (result["model_device"], result["model_dtype"], result["state_devices"]) == ("cuda", "bfloat16", ["cpu"])
+
+
 # FSDP2 on one GPU against one CPU process: the tolerance of tests/test_fsdp.py's CPU parity, whose runs
 # differ from one process only in the summation order of the gradient reduction, as cuBLAS's summation order
 # differs from the CPU's here (fp32 matmuls: torch leaves TF32 off by default).

@@ -7,7 +7,8 @@ on a GPU, CPU and gloo with ``DS_ACCELERATOR=cpu``, which is how it is exercised
 a GPU). Sections, each recorded in the JSON even when it fails (its traceback instead):
 
 * ``deepspeed``: ZeRO-0/1/2/3 with bf16 and the JSON-registered ``AdamWPMA``/``LionPMA`` (and one
-  ZeRO-2 run with ``"fused": true``, the compiled step), the parameter update against one fp32 process;
+  ZeRO-2 run with ``"fused": true``, the compiled step; ZeRO-2/3 with the optimizer offloaded to CPU),
+  the parameter update against one fp32 process;
 * ``fsdp``: FSDP2 on one device against one plain process, step by step;
 * ``ledger``: the communication ledger counting collectives of the accelerator's backend, exact bytes.
 """
@@ -52,6 +53,9 @@ DS_CASES = {  # name: (shipped config, optimizer, extra optimizer params, config
                                 {"data_types": {"grad_accum_dtype": "fp32"}} if s == 1 else {})
        for s in range(4) for o in ("AdamWPMA", "LionPMA")},
     "zero2_adamwpma_fused": ("zero2_adamw_pma_bf16.json", "AdamWPMA", {"fused": True}, {}),
+    # ZeRO-Offload: the step runs on CPU partitions that DeepSpeed copies from and to the GPU (pinned buffers)
+    "zero2_offload_adamwpma": ("zero2_offload_adamw_pma_bf16.json", "AdamWPMA", {}, {}),
+    "zero3_offload_lionpma": ("zero3_offload_lion_pma_bf16.json", "LionPMA", {}, {}),
 }
 
 
