@@ -272,3 +272,23 @@ def test_entry_point_updates_leaf_parameters_outside_no_grad():
         assert p.requires_grad and p.grad is None
         assert not torch.equal(p.detach(), b)  # it moved
         assert_within("lion outside no_grad", p.detach(), q, bound, exact)
+
+
+def test_layouts_past_the_recompile_limit_still_step_correctly(monkeypatch):
+    """Past dynamo's recompile limit a new bucket layout runs eagerly (same operations), never an error."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+    for n in (1, 2, 3):  # three list lengths: three layouts, two past the limit of one
+        params = make_tensors(torch.float32)[:n]
+        ref = [p.clone() for p in params]
+        m, ref_m = zeros_state(params), zeros_state(params)
+        grads = gradients(params, 1)
+        c = LionStepCoefficients.for_step(PMAPhase(step=1, period=PERIOD), **LION)
+        bounds = [lion_step_bound(p, g, m0, c) for p, g, m0 in zip(ref, grads, zeros_state(params))]
+        run_lion("compiled", params, grads, m, 1)
+        run_lion("foreach", ref, grads, ref_m, 1)
+        for p, q, (exact, bound, _) in zip(params, ref, bounds):
+            assert_within(f"{n} tensors", p, q, bound, exact)
+    torch._dynamo.reset()  # later tests compile with the default limit

@@ -133,7 +133,10 @@ def _lion_lists(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
     body = {"adamw": _adamw_lists, "lion": _lion_lists}[name]
-    return torch.compile(body, fullgraph=True)
+    # Not fullgraph=True: with it, a bucket layout past dynamo's recompile limit (8 per function: e.g. many
+    # ZeRO-3 sub-groups of different lengths) is a hard error; without it dynamo runs that layout eagerly,
+    # the same operations unfused. The bodies have no graph break (the compile-count test would see one).
+    return torch.compile(body)
 
 
 def _device_scalars(values: Sequence[float], like: Tensor) -> Tensor:
