@@ -3,21 +3,22 @@
 
     python benchmarks/gpu_check.py --out DIR
 
-Sections, in order (each written to DIR/gpu_check.json and DIR/gpu_check.md as soon as it ends, so an
-interrupted run keeps what it measured):
+Sections, in this order (each written to DIR/gpu_check.json and DIR/gpu_check.md as soon as it ends, so
+an interrupted run keeps what it measured; the measurements first, the tests with the time that is left):
 
-1. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (the GPU tests), its summary line and counts.
-2. ``step``: one optimizer step, timed with CUDA events after warm-up (median over two PMA periods):
+1. ``step``: one optimizer step, timed with CUDA events after warm-up (median over two PMA periods):
    AdamW-PMA through the compiled step (``fused=True``) and the foreach path, against
    ``torch.optim.AdamW(fused=True)``, at 100M and 1B parameters (tensors of 2**25 elements), fp32 and
    bf16 parameters. Achieved bandwidth = the fewest bytes the step must move (``STEP_BYTES_PER_PARAM``
    of ``pma_dist/kernels/compiled.py``; torch's AdamW: 7 reads/writes of the parameter dtype) / time,
    against the device's peak: its datasheet value (table below, by device name) and a measured
    device-to-device copy (bytes read + written), both reported.
-3. ``deepspeed``: a single-GPU DeepSpeed engine (bf16, ZeRO-2 and ZeRO-3) on a random-init model of
+2. ``deepspeed``: a single-GPU DeepSpeed engine (bf16, ZeRO-2 and ZeRO-3) on a random-init model of
    Qwen2-0.5B's shape (a transformers config built here; no hub), GA (torch's AdamW, K accumulation
    steps) vs AdamW-PMA (foreach, and ``fused=True``: the compiled step): seconds per micro-step (median
    over periods, after one warm-up period) and peak device memory.
+3. ``tests``: ``pytest -m cuda tests/test_cuda.py`` (the GPU tests), its summary line and counts; it gets
+   what is left of ``--budget-s`` (at least a minute).
 
 Without CUDA it runs the same sequence at toy size on CPU (numbers are not GPU measurements: its first
 output line says so) and exits 0. Everything is local: no internet, no hub. See docs/gpu.md.
@@ -396,8 +397,9 @@ def _guarded(fn, *args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--sections", default="tests,step,deepspeed", help="comma-separated subset")
-    parser.add_argument("--tests-timeout", type=float, default=330.0)
+    parser.add_argument("--sections", default="step,deepspeed,tests", help="comma-separated subset")
+    parser.add_argument("--budget-s", type=float, default=470.0,
+                        help="whole-run budget; the tests section (last) gets what is left, at least 60 s")
     parser.add_argument("--periods", type=int, default=2, help="timed periods per DeepSpeed engine")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
@@ -417,12 +419,12 @@ def main(argv=None) -> int:
     info["copy_gbps"] = copy_bandwidth_gbps(device, 2 ** 28 if cuda else 2 ** 22)
     results = {"mode": "cuda" if cuda else "cpu-toy", "headline": headline, "device": info, "elapsed_s": 0.0}
     steps = [
-        ("tests", lambda: run_tests(args.tests_timeout)),
         ("step", lambda: run_step(device, SIZES if cuda else TOY_SIZES, TENSOR_NUMEL if cuda else TOY_TENSOR_NUMEL,
                                   3 if cuda else 2, 2 * PERIOD if cuda else PERIOD, info)),
         ("deepspeed", lambda: run_deepspeed(device, QWEN2_0_5B if cuda else QWEN2_TOY, 4 if cuda else 2,
                                             1024 if cuda else 32, PERIOD if cuda else TOY_PERIOD,
                                             args.periods if cuda else 1)),
+        ("tests", lambda: run_tests(max(60.0, args.budget_s - (time.perf_counter() - began)))),
     ]
     for name, run in steps:
         if name not in sections:
