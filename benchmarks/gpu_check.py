@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -133,11 +134,16 @@ def copy_bandwidth_gbps(device: torch.device, numel: int, repeats: int = 20) -> 
 def run_tests(timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     began = time.perf_counter()
+    # its own session, so a timeout also ends the launchers and ranks the tests started (they hold the GPU)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        output, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        output, code = (exc.stdout or "") + (exc.stderr or "") if isinstance(exc.stdout, str) else "", None
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        code = None
     summary = next((line.strip("= ") for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|skipped|failed)", line)),
                    "timed out" if code is None else "no summary line")
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}

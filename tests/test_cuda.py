@@ -303,3 +303,10 @@ def test_gpu_check_goals_are_judged_from_a_cuda_run():
     goals = gc.goals(results)
     assert goals["step_vs_torch_fused"] == "1.10x (missed)" and goals["bandwidth_fraction"] == "50% of datasheet (missed)"
     assert set(gc.goals(dict(results, mode="cpu-toy")).values()) == {"not measured"}
+
+
+def test_gpu_check_tests_section_reports_a_timeout():
+    from tests.launching import load_script
+
+    result = load_script("benchmarks/gpu_check.py").run_tests(0.5)  # pytest cannot even start in 0.5 s
+    assert (result["returncode"], result["summary"], result["counts"]) == (None, "timed out", {})
