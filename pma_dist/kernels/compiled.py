@@ -7,10 +7,9 @@ fused kernel per tensor: each element is read once and written once (fp32: 28 B/
 against the foreach path's ~88 B/param, see :data:`STEP_BYTES_PER_PARAM`).
 
 No recompile per step or per phase. The step's scalars (:mod:`pma_dist.coefficients`) reach the
-kernel as tensor data, not as Python numbers the graph would specialise on: one small fp32 tensor per
-call (of the state dtype), copied to the device from pinned memory without blocking (no host
-synchronisation per step).
-The phase-dependent branches of the foreach path are expressed as arithmetic whose neutral form is
+kernel as tensor data, not as Python numbers the graph would specialise on: one small tensor of the
+state dtype per call, copied to the device from pinned memory without blocking (no host
+synchronisation per step). The phase-dependent branches of the foreach path are expressed as arithmetic whose neutral form is
 exact: ``rescale`` is 1 where the foreach path skips the rescale (``x * 1 == x``), and the two
 placements of ``eps`` are ``(sqrt(v) + eps_inner) / divisor + eps_outer`` with one of the two eps 0
 (``x + 0 == x`` for the positive ``x`` here). So AdamW-PMA's two variants, its large and small steps
@@ -206,8 +205,3 @@ def _require_supported(params, grads, *moments) -> None:
     if reason is not None:
         raise ValueError(f"the compiled PMA step cannot update these tensors: {reason}")
 
-
-def compile_counts() -> Dict[str, int]:
-    """How many graphs dynamo has compiled in this process (all functions), for tests and benchmarks."""
-    from torch._dynamo.utils import counters
-    return {"unique_graphs": int(counters["stats"]["unique_graphs"])}
