@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - older torch or no distributed build
 
 from . import functional as F
 from . import kernels
+from .kernels import compiled
 from .schedule import LR_DECAYS, VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
@@ -142,9 +143,25 @@ class PMAOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__}: fused=True and foreach={foreach} both select an execution path; pass only one")
         if fused:
+            # --- GPU path: fused=True on non-CPU tensors runs the compiled step (kernels/compiled.py) ---
+            devices = {p.device.type for p in group["params"]}
+            for device_type in sorted(devices - {"cpu"}):
+                reason = compiled.unavailable_reason(device_type)
+                if reason is not None:
+                    raise RuntimeError(f"{type(self).__name__}(fused=True): the compiled step is unavailable: {reason}")
+            if "cpu" not in devices:
+                return  # no CPU tensor: the fused CPU kernel is not needed
+            # --- end of the GPU path ---
             reason = kernels.unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"{type(self).__name__}(fused=True): the fused CPU kernel is unavailable: {reason}")
+
+    # --- GPU path (kernels/compiled.py): the branch for non-CPU tensors. ``fused=None`` there stays on the
+    # foreach path until the compiled step is measured faster on a GPU (docs/performance.md, "The GPU path").
+    def _use_compiled(self, group: dict, params) -> bool:
+        """``fused=True`` on accelerator (non-CPU) tensors runs the compiled step."""
+        return bool(group.get("fused")) and params[0].device.type != "cpu"
+    # --- end of the GPU path ---
 
     def _use_fused(self, group: dict, params, grads, moments) -> bool:
         """``fused=True`` demands the fused kernel for every bucket; ``False`` uses foreach; ``None``
@@ -254,13 +271,16 @@ class PMAOptimizer(torch.optim.Optimizer):
                     self._update_tensor(p, g, [m[i] for m in moments_l], phase, group)
             else:
                 for p, g, *ms in _group_by_device_and_dtype(params_l, grads_l, *moments_l):
-                    if self._use_fused(group, p, g, ms):
+                    if self._use_compiled(group, p):  # GPU path
+                        self._update_compiled(p, g, ms, phase, group)
+                    elif self._use_fused(group, p, g, ms):
                         self._update_fused(p, g, ms, phase, group)
                     else:
                         self._update_foreach(p, g, ms, phase, group)
-            step_tensor = torch.tensor(float(t), dtype=torch.float32)
             for p in params:
-                self.state[p]["step"].copy_(step_tensor)
+                # fill_, not a copy from a CPU tensor: the counter may live on the GPU (torch's load_state_dict
+                # moves it there for fused=True groups), and filling it queues a kernel without a host sync
+                self.state[p]["step"].fill_(float(t))
             group["step"] = t
         return loss
 
@@ -271,6 +291,9 @@ class PMAOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update_fused(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update_compiled(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
         raise NotImplementedError
 
 
@@ -319,7 +342,8 @@ class AdamWPMA(PMAOptimizer):
             scaled by 1/(tau+1), reset every period; not yet measured, see ``docs/math.md``).
         foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
-            float32/bfloat16/float16 parameters), raising if it cannot. See ``docs/performance.md``.
+            float32/bfloat16/float16 parameters), raising if it cannot; on GPU tensors it runs the
+            compiled step (:mod:`pma_dist.kernels.compiled`). See ``docs/performance.md``.
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -364,6 +388,9 @@ class AdamWPMA(PMAOptimizer):
 
     def _update_fused(self, ps, gs, moments, phase, group):
         kernels.adamw_pma_fused(ps, gs, *moments, phase=phase, **self._hyper(group))
+
+    def _update_compiled(self, ps, gs, moments, phase, group):
+        compiled.adamw_pma_compiled(ps, gs, *moments, phase=phase, **self._hyper(group))
 
 
 class LionPMA(PMAOptimizer):
@@ -418,3 +445,6 @@ class LionPMA(PMAOptimizer):
 
     def _update_fused(self, ps, gs, moments, phase, group):
         kernels.lion_pma_fused(ps, gs, *moments, phase=phase, **self._hyper(group))
+
+    def _update_compiled(self, ps, gs, moments, phase, group):
+        compiled.lion_pma_compiled(ps, gs, *moments, phase=phase, **self._hyper(group))

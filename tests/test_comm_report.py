@@ -267,21 +267,39 @@ def test_projection_prices_periods_from_the_byte_model():
     topo = PRESETS["a40x8"]
     a = projection.Assumptions()
     compute = 6 * 1e9 * 4096 / (149.7e12 * 0.4)
-    optimizer = 1e9 / 8 * 32 / (696e9 * 0.8)
+    optimizer = 1e9 / 8 * 32 / (696e9 * 0.8)  # GA: one fused pass, 32 B/param
+    pma_optimizer = 1e9 / 8 * 92 / (696e9 * 0.8)  # PMA on the foreach path (fused=None on GPUs): 88 + 4 B/param
     rs = topo.collective_seconds("reduce_scatter", 2e9)
     ag = topo.collective_seconds("all_gather", 2e9)
     assert projection.compute_seconds(10**9, topo, a) == pytest.approx(compute)
     assert row["ga"]["comm_s"] == pytest.approx(4 * rs + ag)
     assert row["pma"]["comm_s"] == pytest.approx(4 * (rs + ag))
     assert row["ga"]["serial_s"] == pytest.approx(4 * compute + optimizer + 4 * rs + ag)
-    assert row["pma"]["serial_s"] == pytest.approx(4 * compute + 4 * optimizer + 4 * (rs + ag))
+    assert row["pma"]["serial_s"] == pytest.approx(4 * compute + 4 * pma_optimizer + 4 * (rs + ag))
     # overlapped: each reduce-scatter hides behind its micro-step's backward (2/3 of compute)
     assert rs < 2 * compute / 3
-    assert row["pma"]["overlapped_s"] == pytest.approx(4 * compute + 4 * optimizer + 4 * ag)
+    assert row["pma"]["overlapped_s"] == pytest.approx(4 * compute + 4 * pma_optimizer + 4 * ag)
     assert row["overhead_serial_pct"] == pytest.approx(
         100 * (row["pma"]["serial_s"] - row["ga"]["serial_s"]) / row["ga"]["serial_s"])
     assert row["model_state_gb_per_gpu"] == pytest.approx((2 + 14 / 8))
     assert p["paper_claim"].startswith("\"on a 7B model, AdamW-PMA is only about 2% slower")
+
+
+def test_projection_prices_the_pma_optimizer_path_that_runs_and_says_which():
+    common = dict(period=4, traffic=fake_traffic, model_sizes={"1B": 10**9}, setups=("ZeRO-3",))
+    default, fused = projection.project("a40x8", **common), projection.project("a40x8", pma_optimizer_path="compiled", **common)
+    one_pass = 1e9 / 8 * 32 / (696e9 * 0.8)
+    assert default["assumptions"]["pma_optimizer_path"] == "foreach"  # what AdamWPMA(fused=None) runs on GPUs
+    assert default["assumptions"]["pma_optimizer_bytes_per_param"] == 92
+    assert default["rows"][0]["pma"]["optimizer_s"] == pytest.approx(4 * one_pass * 92 / 32)
+    assert fused["assumptions"]["pma_optimizer_bytes_per_param"] == 32
+    assert fused["rows"][0]["pma"]["optimizer_s"] == pytest.approx(4 * one_pass)
+    assert default["rows"][0]["ga"]["optimizer_s"] == fused["rows"][0]["ga"]["optimizer_s"] == pytest.approx(one_pass)
+    text = projection.format_projection_markdown(default)
+    assert "GA 32 B/param (one fused pass), PMA 92 B/param (foreach path: what AdamWPMA(fused=None) runs" in text
+    assert "PMA 32 B/param (compiled step: AdamWPMA(fused=True)" in projection.format_projection_markdown(fused)
+    with pytest.raises(ValueError, match="pma_optimizer_path must be one of \\['compiled', 'foreach'\\], got 'fused'"):
+        projection.project("a40x8", pma_optimizer_path="fused", **common)
 
 
 def test_projection_rejects_bad_settings():

@@ -8,8 +8,11 @@ Per micro-step of a period (K micro-steps; GA steps the optimizer once, PMA ever
 
 - compute: ``6 * params * tokens`` FLOPs per GPU per micro-batch (forward 2, backward 4; no activation
   recomputation) at ``mfu`` of the GPU's dense bf16 peak; forward is 1/3 of it, backward 2/3.
-- optimizer step: memory bound, ``OPTIMIZER_BYTES_PER_PARAM`` bytes touched per locally owned parameter
-  (all of them at ZeRO-0, 1/N at ZeRO-1/2/3) at ``MEMORY_EFFICIENCY`` of the memory bandwidth.
+- optimizer step: memory bound, bytes touched per locally owned parameter (all of them at ZeRO-0, 1/N at
+  ZeRO-1/2/3) at ``MEMORY_EFFICIENCY`` of the memory bandwidth. GA's step is one fused pass
+  (``OPTIMIZER_BYTES_PER_PARAM``, DeepSpeed's FusedAdam); PMA's is priced for the execution path that
+  would run (:data:`PMA_OPTIMIZER_BYTES_PER_PARAM`): by default the foreach path, which is what
+  ``AdamWPMA(fused=None)`` runs on GPU tensors; ``pma_optimizer_path="compiled"`` prices ``fused=True``.
 - communication: each collective priced by the topology's alpha-beta cost. Two readings:
   ``serial`` (nothing overlaps) and ``overlapped``: where the set-up can overlap (:data:`OVERLAPPABLE`),
   forward-phase traffic (ZeRO-3 / FSDP2 prefetched parameter all-gathers) hides behind forward compute
@@ -24,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
+import torch
+
+from ..kernels.compiled import STEP_BYTES_PER_PARAM
 from .topology import Topology, load_topology
 
 # The paper's models (PMA paper, Table 1: Qwen2-0.5B, Phi-2-2.7B, Llama2-7B); parameter counts and layer
@@ -40,6 +46,16 @@ DEFAULT_MFU = 0.40           # assumed model FLOPs utilisation of the dense bf16
 OPTIMIZER_BYTES_PER_PARAM = 32  # AdamW, fp32 master: read param/grad/m/v (16 B), write param/m/v (12 B),
                                 # write the bf16 model copy (2 B) and read the bf16 grad (2 B)
 MEMORY_EFFICIENCY = 0.80     # assumed achievable fraction of the memory bandwidth for the fused update
+#: DeepSpeed's own traffic around an fp32-master step of a bf16 model: read the bf16 grad, write the bf16 copy
+BF16_COPY_BYTES_PER_PARAM = 4
+#: PMA's step by execution path on GPU tensors (pma_dist/kernels/compiled.py counts each path's fp32 bytes):
+#: foreach 88 + 4, compiled 28 + 4 (the same single pass as GA's FusedAdam)
+PMA_OPTIMIZER_BYTES_PER_PARAM = {path: STEP_BYTES_PER_PARAM[("adamw", path, torch.float32)] + BF16_COPY_BYTES_PER_PARAM
+                                 for path in ("foreach", "compiled")}
+#: what ``AdamWPMA(fused=None)`` runs on GPU tensors today (pma_dist/optim.py, docs/performance.md)
+DEFAULT_PMA_OPTIMIZER_PATH = "foreach"
+PMA_PATH_NOTE = {"foreach": "foreach path: what AdamWPMA(fused=None) runs on GPU tensors",
+                 "compiled": "compiled step: AdamWPMA(fused=True) on GPU tensors"}
 MODEL_STATE_BYTES = {"ZeRO-0": (16, 0), "ZeRO-1": (4, 12), "ZeRO-2": (2, 14), "ZeRO-3": (0, 16), "FSDP2": (0, 16),
                      "DDP": (16, 0)}  # (replicated, partitioned) B/param:
 # bf16 params 2 + bf16 grads 2 + fp32 master/m/v 12 (ZeRO paper, Rajbhandari et al. 2020, Sec. 3.1)
@@ -59,12 +75,20 @@ class Assumptions:
     mfu: float = DEFAULT_MFU
     micro_batch_sequences: int = MICRO_BATCH_SEQUENCES
     sequence_length: int = SEQUENCE_LENGTH
-    optimizer_bytes_per_param: int = OPTIMIZER_BYTES_PER_PARAM
+    optimizer_bytes_per_param: int = OPTIMIZER_BYTES_PER_PARAM  # GA's step
     memory_efficiency: float = MEMORY_EFFICIENCY
+    pma_optimizer_path: str = DEFAULT_PMA_OPTIMIZER_PATH
 
     def __post_init__(self):
         if not 0.0 < self.mfu <= 1.0:
             raise ValueError(f"mfu must be in (0, 1], got {self.mfu!r}")
+        if self.pma_optimizer_path not in PMA_OPTIMIZER_BYTES_PER_PARAM:
+            raise ValueError(f"pma_optimizer_path must be one of {sorted(PMA_OPTIMIZER_BYTES_PER_PARAM)}, "
+                             f"got {self.pma_optimizer_path!r}")
+
+    @property
+    def pma_optimizer_bytes_per_param(self) -> int:
+        return PMA_OPTIMIZER_BYTES_PER_PARAM[self.pma_optimizer_path]
 
     @property
     def tokens(self) -> int:
@@ -75,9 +99,12 @@ def compute_seconds(param_count: int, topology: Topology, a: Assumptions) -> flo
     return 6.0 * param_count * a.tokens / (topology.gpu.peak_tflops * 1e12 * a.mfu)
 
 
-def optimizer_seconds(param_count: int, setup: str, world_size: int, topology: Topology, a: Assumptions) -> float:
+def optimizer_seconds(param_count: int, setup: str, world_size: int, topology: Topology, a: Assumptions,
+                      pma: bool = False) -> float:
+    """One optimizer step of the locally owned parameters: GA's fused pass, or PMA's step on its path."""
     owned = param_count if setup in ("ZeRO-0", "DDP") else param_count / world_size
-    return owned * a.optimizer_bytes_per_param / (topology.gpu.memory_gbps * 1e9 * a.memory_efficiency)
+    nbytes = a.pma_optimizer_bytes_per_param if pma else a.optimizer_bytes_per_param
+    return owned * nbytes / (topology.gpu.memory_gbps * 1e9 * a.memory_efficiency)
 
 
 def model_state_gb(param_count: int, setup: str, world_size: int) -> float:
@@ -158,8 +185,11 @@ def _default_traffic() -> TrafficModel:
 
 def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Optional[float] = None,
             setups: Iterable[str] = SETUPS, model_sizes: Optional[Dict[str, int]] = None,
-            traffic: Optional[TrafficModel] = None) -> dict:
-    """The projection table: for each model size and set-up (ZeRO stage, FSDP2, DDP), GA vs PMA per period."""
+            traffic: Optional[TrafficModel] = None, pma_optimizer_path: str = DEFAULT_PMA_OPTIMIZER_PATH) -> dict:
+    """The projection table: for each model size and set-up (ZeRO stage, FSDP2, DDP), GA vs PMA per period.
+
+    ``pma_optimizer_path``: the PMA step's execution path to price, ``"foreach"`` (what ``fused=None``
+    runs on GPUs) or ``"compiled"`` (``fused=True``)."""
     if isinstance(period, bool) or not isinstance(period, int) or period < 1:
         raise ValueError(f"period must be a positive int, got {period!r}")
     setups = list(setups)
@@ -167,14 +197,14 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
     if unknown:
         raise ValueError(f"unknown set-up(s) {unknown}; expected some of {SETUPS}")
     topology = load_topology(topology)
-    a = Assumptions(mfu=DEFAULT_MFU if mfu is None else float(mfu))
+    a = Assumptions(mfu=DEFAULT_MFU if mfu is None else float(mfu), pma_optimizer_path=pma_optimizer_path)
     traffic = traffic or _default_traffic()
     world = topology.world_size
     rows = []
     for label, params in (model_sizes or MODEL_SIZES).items():
         compute = compute_seconds(params, topology, a)
         for setup in setups:
-            optimizer = optimizer_seconds(params, setup, world, topology, a)
+            optimizer = {pma: optimizer_seconds(params, setup, world, topology, a, pma) for pma in (False, True)}
             state_gb = model_state_gb(params, setup, world)
             row = {"model": label, "params": params, "setup": setup,
                    "zero_stage": int(setup[-1]) if setup.startswith("ZeRO-") else None,
@@ -183,11 +213,11 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
                 records = traffic(setup, world, period, dtype, params, pma,
                                   layers=MODEL_LAYERS.get(label, DEFAULT_LAYERS))
                 steps = price_period(records, topology, period)
-                row[name] = period_seconds(steps, compute, optimizer, pma, OVERLAPPABLE[setup])
+                row[name] = period_seconds(steps, compute, optimizer[pma], pma, OVERLAPPABLE[setup])
                 row[name]["bytes"] = sum(r["bytes"] for r in records)
                 row[name]["latency_share"] = latency_share(records, topology)
                 if setup == "ZeRO-3":
-                    row[name]["zeropp"] = zeropp_variants(records, topology, period, compute, optimizer, pma)
+                    row[name]["zeropp"] = zeropp_variants(records, topology, period, compute, optimizer[pma], pma)
             for reading in ("serial", "overlapped"):
                 ga, pm = row["ga"][f"{reading}_s"], row["pma"][f"{reading}_s"]
                 row[f"overhead_{reading}_pct"] = 100.0 * (pm - ga) / ga
@@ -201,6 +231,8 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
                         "flops_per_token": "6 x params (forward 2, backward 4, no recomputation)",
                         "peak_tflops": topology.gpu.peak_tflops,
                         "optimizer_bytes_per_param": a.optimizer_bytes_per_param,
+                        "pma_optimizer_path": a.pma_optimizer_path,
+                        "pma_optimizer_bytes_per_param": a.pma_optimizer_bytes_per_param,
                         "memory_efficiency": a.memory_efficiency,
                         "overlap": "overlapped: where the set-up can overlap (ZeRO-1/2 backward with "
                                    "overlap_comm, ZeRO-3/FSDP2 forward+backward, DDP backward; never ZeRO-0 or "
@@ -332,8 +364,10 @@ def format_projection_markdown(projection: dict) -> str:
         "",
         f"K = {projection['period']}, {projection['dtype']}, {t['world_size']} GPUs; per-GPU micro-batch "
         f"{a['micro_batch_sequences']} x {a['sequence_length']} tokens; compute {a['flops_per_token']} at "
-        f"{100 * a['mfu']:.0f}% of {a['peak_tflops']} TFLOPS; optimizer step {a['optimizer_bytes_per_param']} "
-        f"B/param at {100 * a['memory_efficiency']:.0f}% of memory bandwidth; {a['overlap']}.",
+        f"{100 * a['mfu']:.0f}% of {a['peak_tflops']} TFLOPS; optimizer step: GA {a['optimizer_bytes_per_param']} "
+        f"B/param (one fused pass), PMA {a['pma_optimizer_bytes_per_param']} B/param "
+        f"({PMA_PATH_NOTE[a['pma_optimizer_path']]}), at {100 * a['memory_efficiency']:.0f}% of memory bandwidth; "
+        f"{a['overlap']}.",
         "",
         "| model | set-up | states GB/GPU | compute s/period | GA comm s/period | PMA comm s/period | "
         "PMA extra opt s | overhead serial | overhead overlapped |",
