@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from pma_dist import AdamWPMA, LionPMA
-from pma_dist.posttrain.metrics import read_metrics
+from recipes.posttrain.metrics import read_metrics
 from tests import test_compiled_step as cs
 from tests import test_optim as ref
 from tests.launching import REPO, run_ranks
@@ -209,7 +209,7 @@ FSDP_GPU_ABS_TOL = FSDP_ABS_TOL + 12 * (4 * U * 1.0 + 33 * U * 3 * 2e-2)
 
 @pytest.mark.cuda
 def test_fsdp2_on_one_gpu_matches_one_process(gpu_suite):
-    for name in ("adamw_pma_reference", "adamw_pma_paper", "adamw_pma_fused"):
+    for name in ("adamw_pma_reference", "adamw_pma", "adamw_pma_fused"):
         r = case(gpu_suite, "fsdp", name)
         assert (r["param_device"], r["is_dtensor"]) == ("cuda", True)
         assert r["optimizer_steps"] == r["steps"]
@@ -252,7 +252,7 @@ def test_gpu_suite_worker_runs_on_cpu(tmp_path):
     ds = case(results, "deepspeed", "zero3_adamwpma")
     assert ds["rel_err"] <= BF16_REL_ERR["AdamWPMA"] and ds["group_steps"] == [ds["steps"]] * 2
     assert (ds["model_device"], ds["model_dtype"], ds["state_devices"]) == ("cpu", "bfloat16", ["cpu"])
-    for name in ("adamw_pma_reference", "adamw_pma_paper"):
+    for name in ("adamw_pma_reference", "adamw_pma"):
         assert case(results, "fsdp", name)["max_abs_diff"] <= FSDP_ABS_TOL
     ledger = section(results, "ledger")
     assert ledger["records"] == [["backward", "all_reduce", 1, 16], ["backward", "broadcast", 1, 56],

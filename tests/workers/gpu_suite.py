@@ -109,8 +109,8 @@ def deepspeed_checks(names) -> dict:
 
 # ---------------------------------------------------------------------------------------------- fsdp
 FSDP_CASES = {
-    "adamw_pma_reference": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)),
-    "adamw_pma_paper": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, variant="paper")),
+    "adamw_pma_reference": ("adamw_pma_reference", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)),
+    "adamw_pma": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)),
     "adamw_pma_fused": ("adamw_pma", dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, fused=True)),
 }
 
