@@ -34,10 +34,12 @@ from .schedule import VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
 
-#: What ``fused=None`` (the default) means. ``False``: the foreach path. ``True``: the fused CPU kernel
-#: for every bucket it supports (CPU, fp32/bf16/fp16, contiguous) when ``foreach`` is also left unset,
-#: the foreach path for the others, and everywhere, after one warning, if the kernel cannot be built.
-FUSED_BY_DEFAULT = False
+#: What ``fused=None`` (the default) means. ``True``: the fused CPU kernel for every bucket it supports
+#: (CPU, fp32/bf16/fp16, contiguous) when ``foreach`` is also left unset, the foreach path for the
+#: others (CUDA, float64, non-contiguous), and everywhere, after one warning, if the kernel cannot be
+#: built. ``False`` would make the default the foreach path. The kernel is exact to a derived bound
+#: (docs/performance.md) and the fastest CPU path measured (docs/BENCHMARKS.md).
+FUSED_BY_DEFAULT = True
 _warned_fused_unavailable = False
 
 
@@ -310,9 +312,11 @@ class AdamWPMA(PMAOptimizer):
         variant: ``"paper"`` (the default: the printed algorithm, whose momentum is GA's at the end of
             every period; K = 1 is exactly ``torch.optim.AdamW``) or ``"reference"`` (the authors'
             released code). The default was chosen by the post-training benchmark; see ``docs/math.md``.
-        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+        foreach: ``True`` selects the multi-tensor path, ``False`` the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
-            float32/bfloat16/float16 parameters), raising if it cannot. See ``docs/performance.md``.
+            float32/bfloat16/float16 parameters), raising if it cannot; ``False`` the foreach path.
+            Left unset (with ``foreach`` unset too), each bucket the kernel supports takes it and the
+            rest the foreach path. See ``docs/performance.md``.
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -366,8 +370,9 @@ class LionPMA(PMAOptimizer):
         betas: ``beta1`` interpolates the update direction, ``beta2`` the momentum across periods.
         weight_decay: decoupled weight decay, applied with the full lr on every step.
         period: K, the number of micro-steps per period.
-        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
-        fused: ``True`` runs the fused single-pass CPU kernel, raising if it cannot (see AdamWPMA).
+        foreach: ``True`` selects the multi-tensor path, ``False`` the per-tensor path.
+        fused: ``True`` runs the fused single-pass CPU kernel, raising if it cannot; unset, the kernel
+            takes every bucket it supports (see AdamWPMA).
     """
 
     moment_names = ("exp_avg",)

@@ -258,15 +258,20 @@ def test_state_dict_round_trip_mid_period_is_bit_exact(optimizer_cls):
     assert all(g["fused"] is True for g in resumed.state_dict()["param_groups"])
 
 
-def test_fused_state_loads_into_the_foreach_path():
+def test_fused_state_loads_into_the_foreach_path(fused_by_default):
     params, fused = run(AdamWPMA, torch.float32, 5, dict(fused=True), period=4)
     other = AdamWPMA(two_groups([p.detach().clone().requires_grad_() for p in params], AdamWPMA), period=4)
     state = copy.deepcopy(fused.state_dict())
     for group in state["param_groups"]:
-        group["fused"] = None  # the saved path choice travels with the groups; override it to switch
+        group["fused"] = False  # the saved path choice travels with the groups; override it to switch
     other.load_state_dict(state)
     assert [g["step"] for g in other.param_groups] == [5, 5]
-    assert all(g["fused"] is None for g in other.param_groups)
+    assert all(g["fused"] is False for g in other.param_groups)
+    for p in other.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    fused_by_default.clear()
+    other.step()
+    assert fused_by_default == [] and other.param_groups[0]["step"] == 6
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -308,9 +313,9 @@ def test_missing_compiler_is_a_clear_error_at_construction(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-pma")
     with pytest.raises(RuntimeError, match=r"AdamWPMA\(fused=True\): .*'no-such-compiler-pma'.*not on PATH"):
         AdamWPMA(make_params(torch.float32), fused=True)
-    # The default path needs no compiler.
+    # The default path needs no compiler (it warns and runs foreach; see test_fused_by_default_warns_once...).
     params = make_params(torch.float32)
-    opt = AdamWPMA(params)
+    opt = AdamWPMA(params, foreach=True)
     set_grads(params, 1)
     opt.step()
     assert opt.param_groups[0]["step"] == 1
@@ -375,13 +380,38 @@ def test_benchmark_flags_are_checked(script, argv, message):
 
 @pytest.fixture
 def fused_by_default(monkeypatch):
-    import pma_dist.optim as optim
-
-    monkeypatch.setattr(optim, "FUSED_BY_DEFAULT", True)
+    """Records the bucket sizes the fused AdamW kernel is called with."""
     calls = []
     real = kernel_cpu.adamw_pma_fused
     monkeypatch.setattr(kernel_pkg, "adamw_pma_fused", lambda *a, **k: (calls.append(len(a[0])), real(*a, **k)))
     return calls
+
+
+def test_the_default_path_is_the_fused_kernel():
+    import pma_dist.optim as optim
+
+    assert optim.FUSED_BY_DEFAULT is True
+    params = make_params(torch.float32)
+    opt = LionPMA(two_groups(params, LionPMA), period=3)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = LionPMA(two_groups(ref_params, LionPMA), period=3, fused=True)
+    for t in range(1, 5):
+        set_grads(params, t)
+        set_grads(ref_params, t)
+        opt.step()
+        ref.step()
+    assert_same_state(opt, params, ref, ref_params)
+    assert all(g["fused"] is None for g in opt.param_groups)  # the choice stays "default" in checkpoints
+
+
+def test_shipped_offload_configs_rely_on_the_default_path():
+    from pathlib import Path
+
+    configs = sorted(Path(REPO, "ds_configs").glob("*offload*.json"))
+    assert configs
+    for path in configs:
+        params = json.loads(path.read_text())["optimizer"]["params"]
+        assert "fused" not in params and "foreach" not in params, path.name  # either key would leave the default
 
 
 def test_fused_by_default_takes_supported_cpu_buckets_only(fused_by_default):
