@@ -354,6 +354,7 @@ def test_optimizer_step_benchmark_runs_and_reports_ratios(tmp_path):
     rows = {r["name"]: r for r in result["runs"][0]["rows"]}
     assert rows[result["runs"][0]["best_torch_adamw"]]["ratio_to_best_torch_adamw"] == 1.0
     for name in ("AdamWPMA fused reference small", "AdamWPMA fused paper large", "LionPMA fused large",
+                 "AdamWPMA default small", "LionPMA default large",
                  "AdamWPMA foreach reference small", "Lion (plain foreach)", "torch AdamW fused"):
         assert rows[name]["median_ms"] > 0
     assert rows[bench.STREAM]["fraction_of_stream_bandwidth"] == 1.0
@@ -368,6 +369,8 @@ def test_optimizer_step_benchmark_runs_and_reports_ratios(tmp_path):
     ("optimizer_step", ["--repeats", "0"], "--repeats must be >= 1"),
     ("e2e_step", ["--stages", "4"], r"ZeRO stage(s) [4] not benchmarked"),
     ("e2e_step", ["--period", "0"], "--period must be >= 1, got 0"),
+    ("e2e_step", ["--modes", "ga,nope"], "--modes: 'ga,nope' must name distinct modes"),
+    ("e2e_step", ["--modes", "ga", "--baseline", "pma-default"], "--baseline: 'pma-default' is not one of --modes"),
 ])
 def test_benchmark_flags_are_checked(script, argv, message):
     with pytest.raises(SystemExit) as stop:
