@@ -321,6 +321,19 @@ def test_missing_compiler_is_a_clear_error_at_construction(monkeypatch):
     assert opt.param_groups[0]["step"] == 1
 
 
+def test_kernel_builds_with_the_interpreters_own_ninja(monkeypatch, tmp_path):
+    """A venv's ninja is used whether or not the venv is activated (two ninjas rebuild in turn)."""
+    (tmp_path / "ninja").write_text("")
+    monkeypatch.setattr(kernel_build.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernel_build._interpreter_tools_first():
+        assert os.environ["PATH"] == f"{tmp_path}{os.pathsep}/usr/bin:/bin"
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    (tmp_path / "ninja").unlink()  # no ninja beside the interpreter: PATH is left alone
+    with kernel_build._interpreter_tools_first():
+        assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
 def test_kernel_checks_its_inputs():
     kernels = kernel_build.load_cpu_kernels()
     p = [torch.zeros(8)]

@@ -18,9 +18,11 @@ Nothing here raises at import: :func:`load_cpu_kernels` returns the module or ra
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -93,6 +95,24 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _interpreter_tools_first():
+    """The interpreter's own bin directory (a venv's: the ninja pip installed) first on PATH while
+    building. torch runs whichever ``ninja`` PATH names, and two ninja versions (a system one and the
+    venv's) disagree about what is up to date, so a process with the venv activated and one without
+    would rebuild the kernel in turn."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not os.path.isfile(os.path.join(bindir, "ninja")) or path.split(os.pathsep)[0] == bindir:
+        yield
+        return
+    os.environ["PATH"] = bindir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def _build():
     if platform.system() == "Windows":
         raise FusedKernelUnavailable("the fused PMA CPU kernels are built with GCC/Clang flags; not supported on Windows")
@@ -105,10 +125,11 @@ def _build():
 
     level = capability()
     flags = _COMMON_FLAGS + _CAPABILITY_FLAGS[level]
-    return load(
-        name=f"pma_dist_cpu_kernels_{level.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("PMA_DIST_VERBOSE_BUILD") == "1",
-    )
+    with _interpreter_tools_first():
+        return load(
+            name=f"pma_dist_cpu_kernels_{level.lower()}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=os.environ.get("PMA_DIST_VERBOSE_BUILD") == "1",
+        )
