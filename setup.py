@@ -13,10 +13,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pma_dist", "pma_dist.*"]),
     python_requires=">=3.10",
+    # Floors are what the code uses: torch.distributed.fsdp.fully_shard is public from torch 2.6;
+    # deepspeed.runtime.tensor_parallel.init_utils.load_ds_config from DeepSpeed 0.18.6 (the engine hooks
+    # are tested on 0.19.8 only, see TESTED_DEEPSPEED_VERSIONS); from_pretrained(dtype=...) needs
+    # transformers 4.56. The exact versions tested: launch/constraints.txt.
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.46",
+        "torch>=2.6",
+        "deepspeed>=0.18.6",
+        "transformers>=4.56",
         "datasets>=3.0",
         "accelerate>=1.0",
         "numpy",
@@ -24,7 +28,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "mpi": ["mpi4py>=3.1"],
+        "mpi": ["mpi4py>=4.0"],  # 4.x wheels need no MPI compiler; launch/setup_env.sh adds an MPI if none
         "test": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["pma-dist=pma_dist.comm.cli:main"]},

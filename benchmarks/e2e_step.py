@@ -11,6 +11,8 @@ the median of the same-round ratios ("paired").
 
     python benchmarks/e2e_step.py                       # ZeRO-2 and ZeRO-3, 2 ranks, fp32
     python benchmarks/e2e_step.py --stages 3 --periods 6 --hidden 256
+    python benchmarks/e2e_step.py --offload --stages 2 --modes adamw-every-step,pma-default \
+        --baseline adamw-every-step      # ZeRO-Offload: default AdamWPMA vs DeepSpeedCPUAdam, same config
 
 Writes the table to stdout and the numbers to ``--out`` (JSON); ``--report-only --out X.json`` turns
 a JSON into its section of ``docs/bench/optimizer_step.md``. Each rank runs one intra-op thread
@@ -33,7 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.pages import add_report_options, link, read_result, repo_path, write_section  # noqa: E402
 
-MODES = ("ga", "pma-foreach", "pma-fused")
+# ga: DeepSpeed's AdamW, gradient_accumulation_steps = K (one optimizer step per period);
+# pma-foreach / pma-fused: AdamWPMA "reference", gas = 1, fused False / True;
+# pma-default: AdamWPMA(lr, betas, eps, weight_decay, period) with nothing else, as the shipped configs;
+# adamw-every-step: DeepSpeed's AdamW with gas = 1, the same config as pma-default but the optimizer
+#   type (with offload_optimizer: DeepSpeedCPUAdam), so both step on every micro-batch.
+MODES = ("ga", "pma-foreach", "pma-fused", "pma-default", "adamw-every-step")
+DEFAULT_MODES = "ga,pma-foreach,pma-fused"
 HYPER = dict(lr=1e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.01)
 
 
@@ -55,6 +63,10 @@ def engine_config(stage: int, mode: str, period: int, micro_batch: int, offload:
                     stage3_param_persistence_threshold=persistence_threshold)
     if mode == "ga":
         optimizer, gas = {"type": "AdamW", "params": dict(HYPER)}, period
+    elif mode == "adamw-every-step":
+        optimizer, gas = {"type": "AdamW", "params": dict(HYPER)}, 1
+    elif mode == "pma-default":
+        optimizer, gas = {"type": "AdamWPMA", "params": dict(HYPER, period=period)}, 1
     else:
         optimizer = {"type": "AdamWPMA",
                      "params": dict(HYPER, period=period, variant="reference", fused=mode == "pma-fused")}
@@ -93,8 +105,9 @@ def worker(args) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
+    modes = args.modes.split(",")
     engines = {}
-    for mode in MODES:
+    for mode in modes:
         model = build_model(args.hidden, args.layers, args.vocab, seed=0)
         cfg = engine_config(args.stage, mode, args.period, args.micro_batch, args.offload,
                             args.persistence_threshold)
@@ -116,10 +129,12 @@ def worker(args) -> None:
         return in_step
 
     rng = random.Random(0)
-    times = {mode: [] for mode in MODES}
-    step_times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in modes}
+    step_times = {mode: [] for mode in modes}
+    optimizers = {mode: type(engine.optimizer).__name__ + "/" + type(engine.basic_optimizer).__name__
+                  for mode, engine in engines.items()}
     for round_index in range(args.warmup + args.periods):
-        order = list(MODES)
+        order = list(modes)
         rng.shuffle(order)
         for mode in order:
             dist.barrier()
@@ -134,7 +149,8 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps(dict(stage=args.stage, offload=args.offload, world=world, params=n_params,
                                                   persistence_threshold=args.persistence_threshold,
                                                   period=args.period, micro_batch=args.micro_batch, seq=args.seq,
-                                                  micro_step_s=times, engine_step_s=step_times)))
+                                                  optimizers=optimizers, micro_step_s=times,
+                                                  engine_step_s=step_times)))
     shutdown(0)
 
 
@@ -147,7 +163,8 @@ def launch_stage(args, stage: int, out: Path) -> dict:
     worker_args = ["--worker", "--stage", stage, "--out", out, "--period", args.period, "--periods", args.periods,
                    "--warmup", args.warmup, "--hidden", args.hidden, "--layers", args.layers, "--vocab", args.vocab,
                    "--seq", args.seq, "--micro-batch", args.micro_batch,
-                   "--persistence-threshold", args.persistence_threshold] + (["--offload"] if args.offload else [])
+                   "--persistence-threshold", args.persistence_threshold,
+                   "--modes", args.modes, "--baseline", args.baseline] + (["--offload"] if args.offload else [])
     port = free_port()
     cmd = launcher_command("torchrun", args.nproc, Path(__file__).resolve(), port) + [str(a) for a in worker_args]
     env = rank_env({"MASTER_PORT": str(port)})
@@ -174,6 +191,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--persistence-threshold", type=float, default=1e4,
                         help="ZeRO-3 stage3_param_persistence_threshold (elements)")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated engines, of {', '.join(MODES)}")
+    parser.add_argument("--baseline", default="ga", help="the mode every ratio is taken to (one of --modes)")
     parser.add_argument("--timeout", type=float, default=1800)
     add_report_options(parser, "benchmarks/results/e2e_step.json", "optimizer_step.md")
     args = parser.parse_args(argv)
@@ -182,6 +201,12 @@ def main(argv=None) -> dict:
     for name in ("nproc", "period", "periods", "hidden", "layers", "vocab", "seq", "micro_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or len(set(modes)) != len(modes):
+        raise SystemExit(f"--modes: {args.modes!r} must name distinct modes of {', '.join(MODES)}")
+    if args.baseline not in modes:
+        raise SystemExit(f"--baseline: {args.baseline!r} is not one of --modes {args.modes!r}")
     if args.worker:
         return worker(args)
 
@@ -203,21 +228,28 @@ def main(argv=None) -> dict:
         run["median_micro_step_ms"] = {mode: m * 1e3 for mode, m in medians.items()}
         run["median_engine_step_ms"] = {mode: statistics.median(ts) * 1e3
                                         for mode, ts in run["engine_step_s"].items()}
-        run["ratio_to_ga"] = {mode: m / medians["ga"] for mode, m in medians.items()}
+        base = args.baseline
+        run["baseline"] = base
+        run["ratio_to_baseline"] = {mode: m / medians[base] for mode, m in medians.items()}
         # Same-round ratio: the engines of one round ran back to back, under the same machine load.
-        run["paired_ratio_to_ga"] = {mode: statistics.median(t / g for t, g in zip(ts, run["micro_step_s"]["ga"]))
-                                     for mode, ts in run["micro_step_s"].items()}
+        run["paired_ratio_to_baseline"] = {
+            mode: statistics.median(t / b for t, b in zip(ts, run["micro_step_s"][base]))
+            for mode, ts in run["micro_step_s"].items()}
+        run["engine_step_ratio_to_baseline"] = {mode: m / run["median_engine_step_ms"][base]
+                                                for mode, m in run["median_engine_step_ms"].items()}
         result["stages"].append(run)
         print(f"\n### ZeRO-{stage}{' + offload_optimizer' if args.offload else ''}, {run['world']} ranks, {run['params'] / 1e6:.1f}M params, K={run['period']}, "
               f"micro-batch {run['micro_batch']}x{run['seq']} tokens")
-        print(f"| {'engine':<12} | {'median ms / micro-step':>22} | {'min':>7} | {'max':>7} | {'ratio to GA':>11} "
-              f"| {'paired ratio':>12} | {'of which engine.step() ms':>25} |")
-        print(f"|{'-' * 14}|{'-' * 23}:|{'-' * 8}:|{'-' * 8}:|{'-' * 12}:|{'-' * 13}:|{'-' * 26}:|")
-        for mode in MODES:
+        print(f"| {'engine':<16} | {'optimizer (wrapper/basic)':<40} | {'median ms / micro-step':>22} | {'min':>7} "
+              f"| {'max':>7} | {'ratio':>6} | {'paired':>6} | {'engine.step() ms':>16} | {'step ratio':>10} |")
+        print(f"|{'-' * 18}|{'-' * 42}|{'-' * 23}:|{'-' * 8}:|{'-' * 8}:|{'-' * 7}:|{'-' * 7}:|{'-' * 17}:|{'-' * 11}:|")
+        for mode in modes:
             ts = run["micro_step_s"][mode]
-            print(f"| {mode:<12} | {medians[mode] * 1e3:22.1f} | {min(ts) * 1e3:7.1f} | {max(ts) * 1e3:7.1f} "
-                  f"| {run['ratio_to_ga'][mode]:11.3f} | {run['paired_ratio_to_ga'][mode]:12.3f} "
-                  f"| {run['median_engine_step_ms'][mode]:25.1f} |")
+            print(f"| {mode:<16} | {run['optimizers'][mode]:<40} | {medians[mode] * 1e3:22.1f} | {min(ts) * 1e3:7.1f} "
+                  f"| {max(ts) * 1e3:7.1f} | {run['ratio_to_baseline'][mode]:6.3f} "
+                  f"| {run['paired_ratio_to_baseline'][mode]:6.3f} | {run['median_engine_step_ms'][mode]:16.1f} "
+                  f"| {run['engine_step_ratio_to_baseline'][mode]:10.3f} |")
+        print(f"(ratios to {base}; 'step ratio' compares the median time inside engine.step())")
     result["load_average_end"] = list(os.getloadavg())
     out.write_text(json.dumps(result, indent=1))
     print(f"\n# load average {result['load_average_start']} -> {result['load_average_end']}; wrote {out}; "

@@ -17,6 +17,8 @@ v += g on scratch buffers): the machine's practical limit for this access patter
     python benchmarks/optimizer_step.py                          # 1M,10M,100M params; 1 and all threads
     python benchmarks/optimizer_step.py --sizes 10M --threads 1 --repeats 5 --quick
     python benchmarks/optimizer_step.py --match "fused|DeepSpeed" --repeats 15   # the goal candidates only
+    python benchmarks/optimizer_step.py --sizes 16.8M --threads 1,2 --match "default|DeepSpeed" --repeats 21
+        # default-constructed AdamWPMA / LionPMA vs torch.optim.AdamW(fused=True) (issue 12's goal)
 
 Writes the table to stdout and everything to ``--out`` (JSON);
 ``--report-only --out X.json`` turns a JSON into its section of ``docs/bench/optimizer_step.md``.
@@ -163,6 +165,16 @@ def build_candidates(buffers: Buffers, quick: bool, with_deepspeed: bool) -> Lis
         opt = DeepSpeedCPUAdam(params, lr=1e-3, weight_decay=1e-2, adamw_mode=True)
         buffers.adopt(opt, lambda: 0)
         candidates.append(Candidate("DeepSpeedCPUAdam", "adamw", opt.step, "baseline"))
+
+    # What a user gets from AdamWPMA(params, lr, period=K) / LionPMA(...): no path, no variant chosen.
+    opt = AdamWPMA(params, lr=1e-3, weight_decay=1e-2, period=PERIOD)
+    buffers.adopt(opt, tensor_step)
+    for step_name, t in (("small", SMALL_STEP), ("large", LARGE_STEP)):
+        candidates.append(Candidate(f"AdamWPMA default {step_name}", "adamw", pma_stepper(opt, t), "pma"))
+    opt = LionPMA(params, lr=1e-4, period=PERIOD)
+    buffers.adopt(opt, tensor_step, lion=True)
+    for step_name, t in (("small", SMALL_STEP), ("large", LARGE_STEP)):
+        candidates.append(Candidate(f"LionPMA default {step_name}", "lion", pma_stepper(opt, t), "pma"))
 
     pma_paths = [("per-tensor", dict(foreach=False)), ("foreach", dict(foreach=True)), ("fused", dict(fused=True))]
     for label, kwargs in pma_paths:
@@ -346,7 +358,8 @@ def summarise(candidates, times, numel, n_tensors, threads) -> dict:
     if "DeepSpeedCPUAdam" in medians:
         run["ratio_fused_pma_to_deepspeed_cpu_adam"] = {
             r["name"]: r["median_ms"] / (medians["DeepSpeedCPUAdam"] * 1e3)
-            for r in rows if r["name"].startswith(("AdamWPMA fused", "LionPMA fused"))}
+            for r in rows if r["name"].startswith(("AdamWPMA fused", "LionPMA fused", "AdamWPMA default",
+                                                   "LionPMA default"))}
     return run
 
 

@@ -287,24 +287,38 @@ def _split_comm_profile(args, config, config_params):
     return comm_profile, args, config, config_params
 
 
+def _bind(ds_initialize, args, kwargs) -> Optional[inspect.BoundArguments]:
+    """The call's arguments by name, or None when they cannot be matched to DeepSpeed's signature (then
+    DeepSpeed, called unchanged, reports the mistake in its own words)."""
+    try:
+        bound = inspect.signature(ds_initialize).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return bound if {"args", "config", "config_params"} <= set(bound.signature.parameters) else None
+
+
 def _wrap_initialize(ds_initialize):
+    """``deepspeed.initialize`` that forwards every argument, as given, to DeepSpeed's own; only a
+    ``comm_profile`` config section is taken out first (DeepSpeed would reject the unknown key)."""
     if getattr(ds_initialize, "_pma_dist_wrapped", False):
         return ds_initialize
 
     @functools.wraps(ds_initialize)
-    def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-                   lr_scheduler=None, distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None,
-                   config=None, mesh_param=None, config_params=None):
-        comm_profile, args, config, config_params = _split_comm_profile(args, config, config_params)
+    def initialize(*args, **kwargs):
+        bound = _bind(ds_initialize, args, kwargs)
+        if bound is None:
+            return ds_initialize(*args, **kwargs)
+        given = bound.arguments
+        comm_profile, ds_args, config, config_params = _split_comm_profile(
+            given.get("args"), given.get("config"), given.get("config_params"))
+        if comm_profile is None:
+            return ds_initialize(*args, **kwargs)
         from pma_dist.comm.profile import parse_comm_profile
         profile = parse_comm_profile(comm_profile)  # a bad section is an error before the engine is built
-        kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                      training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                      dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
-                      mesh_param=mesh_param, config_params=config_params)
-        if distributed_port is not None:
-            kwargs["distributed_port"] = distributed_port
-        result = ds_initialize(**kwargs)
+        for name, value in (("args", ds_args), ("config", config), ("config_params", config_params)):
+            if name in given or value is not None:
+                given[name] = value
+        result = ds_initialize(*bound.args, **bound.kwargs)
         if profile is not None:
             from pma_dist.comm import attach_to_engine
             attach_to_engine(result[0], comm_profile)
@@ -328,17 +342,12 @@ def install(deepspeed_module=None) -> None:
     deepspeed_module.initialize = _wrap_initialize(deepspeed_module.initialize)
 
 
-def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
-               distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
-               mesh_param=None, config_params=None):
-    """``deepspeed.initialize`` with the PMA registration guaranteed; same arguments, same return value."""
+def initialize(*args, **kwargs):
+    """``deepspeed.initialize`` with the PMA registration guaranteed; same arguments (all forwarded as
+    given), same return value."""
     import deepspeed
     install(deepspeed)
-    return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                training_data=training_data, lr_scheduler=lr_scheduler,
-                                distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
-                                collate_fn=collate_fn, config=config, mesh_param=mesh_param,
-                                config_params=config_params)
+    return deepspeed.initialize(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- import hook

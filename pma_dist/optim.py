@@ -35,10 +35,12 @@ from .schedule import LR_DECAYS, VARIANTS, PMAPhase
 
 __all__ = ["PMAOptimizer", "AdamWPMA", "LionPMA"]
 
-#: What ``fused=None`` (the default) means. ``False``: the foreach path. ``True``: the fused CPU kernel
-#: for every bucket it supports (CPU, fp32/bf16/fp16, contiguous) when ``foreach`` is also left unset,
-#: the foreach path for the others, and everywhere, after one warning, if the kernel cannot be built.
-FUSED_BY_DEFAULT = False
+#: What ``fused=None`` (the default) means. ``True``: the fused CPU kernel for every bucket it supports
+#: (CPU, fp32/bf16/fp16, contiguous) when ``foreach`` is also left unset, the foreach path for the
+#: others (CUDA, float64, non-contiguous), and everywhere, after one warning, if the kernel cannot be
+#: built. ``False`` would make the default the foreach path. The kernel is exact to a derived bound
+#: (docs/performance.md) and the fastest CPU path measured (docs/BENCHMARKS.md).
+FUSED_BY_DEFAULT = True
 _warned_fused_unavailable = False
 
 
@@ -340,10 +342,12 @@ class AdamWPMA(PMAOptimizer):
             released code). The default was chosen by the post-training benchmark; see ``docs/math.md``.
         lr_decay: ``"none"`` (Algorithm 1) or ``"periodic"`` (the paper's text: small step tau also
             scaled by 1/(tau+1), reset every period; not yet measured, see ``docs/math.md``).
-        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
+        foreach: ``True`` selects the multi-tensor path, ``False`` the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (:mod:`pma_dist.kernels`; CPU tensors,
             float32/bfloat16/float16 parameters), raising if it cannot; on GPU tensors it runs the
-            compiled step (:mod:`pma_dist.kernels.compiled`). See ``docs/performance.md``.
+            compiled step (:mod:`pma_dist.kernels.compiled`); ``False`` the foreach path. Left unset
+            (with ``foreach`` unset too), each CPU bucket the kernel supports takes it and the rest the
+            foreach path. See ``docs/performance.md``.
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -403,8 +407,9 @@ class LionPMA(PMAOptimizer):
         weight_decay: decoupled weight decay, applied with the full lr on every step.
         period: K, the number of micro-steps per period.
         lr_decay: ``"none"`` or ``"periodic"`` (see AdamWPMA).
-        foreach: use the multi-tensor path (default) or, with ``False``, the per-tensor path.
-        fused: ``True`` runs the fused single-pass CPU kernel, raising if it cannot (see AdamWPMA).
+        foreach: ``True`` selects the multi-tensor path, ``False`` the per-tensor path.
+        fused: ``True`` runs the fused single-pass CPU kernel (the compiled step on GPU tensors), raising
+            if it cannot; unset, the CPU kernel takes every bucket it supports (see AdamWPMA).
     """
 
     moment_names = ("exp_avg",)

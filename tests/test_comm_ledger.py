@@ -126,6 +126,57 @@ def test_comm_profile_off_or_absent_is_none():
     assert parse_comm_profile({"comm_profile": {"enabled": True, "output_dir": "o"}}).output_dir == "o"
 
 
+def test_message_positions_are_torchs_signatures():
+    import inspect
+
+    from pma_dist.comm import ledger as ledger_module
+    for name, (_, arg_name, position, _) in ledger_module._COLLECTIVES.items():
+        params = list(inspect.signature(getattr(c10d, name)).parameters)
+        if arg_name:
+            assert params.index(arg_name) == position, name
+        if name in ("gather", "scatter"):
+            assert params.index("group") == ledger_module._GATHER_SCATTER_GROUP_POSITION, name
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_already_wrapped_without_a_signature_are_counted(tmp_path, monkeypatch, one_rank_group):
+    """Another tool got there first with ``(*args, **kwargs)`` wrappers that copy no signature."""
+    import torch
+
+    foreign_calls = []
+
+    def foreign(original):
+        def wrapper(*args, **kwargs):
+            foreign_calls.append(original.__name__)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("all_reduce", "reduce_scatter_tensor", "gather"):
+        wrapped = foreign(getattr(c10d, name))
+        monkeypatch.setattr(c10d, name, wrapped)
+        monkeypatch.setattr(dist, name, wrapped)
+    ledger = CommLedger(str(tmp_path / "ledger"), keep_calls=True).install()
+    try:
+        ledger.begin_micro_step(0, "small")
+        dist.all_reduce(torch.ones(5))                             # 20 bytes, positional
+        dist.all_reduce(tensor=torch.ones(3, dtype=torch.float64))  # 24 bytes, keyword
+        dist.reduce_scatter_tensor(torch.empty(2), torch.ones(2))  # input: 8 bytes
+        dist.gather(torch.ones(4), [torch.empty(4)], 0)            # 16 bytes x group of 1
+        calls = [(c["op"], c["bytes"]) for c in ledger.calls]
+    finally:
+        ledger.close()
+    assert foreign_calls == ["all_reduce", "all_reduce", "reduce_scatter_tensor", "gather"]
+    assert calls == [("all_reduce", 20), ("all_reduce", 24), ("reduce_scatter", 8), ("gather", 16)]
+
+
 # --- 2 ranks: every spelling once, exact bytes ------------------------------------------------
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):

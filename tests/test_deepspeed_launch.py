@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import REPO, WORKERS, free_port, rank_env
+from tests.launching import MPIRUN_MISSING, REPO, WORKERS, find_mpirun, free_port, rank_env
 
 TIMEOUT = 300
 
@@ -41,8 +40,8 @@ def run_recipe(launcher: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
 def test_launch_recipe_runs_pma_job_to_completion(launcher):
-    if launcher == "mpirun" and shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
+    if launcher == "mpirun" and find_mpirun() is None:
+        pytest.skip(MPIRUN_MISSING)
     code, facts, stdout, stderr = run_recipe(launcher)
     assert code == 0, f"{launcher} exited {code}\nstdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}"
     assert "terminate called" not in stderr

@@ -118,6 +118,42 @@ def test_config_without_comm_profile_passes_through_untouched():
     assert dsi._split_comm_profile(None, cfg, None) == (None, None, cfg, None)
 
 
+# ---------------------------------------------------------------------------------------------- initialize wrapper
+def fake_deepspeed_initialize(calls):
+    """DeepSpeed's signature plus a keyword it may gain in a later release."""
+    def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+                   lr_scheduler=None, distributed_port=29500, mpu=None, dist_init_required=None, collate_fn=None,
+                   config=None, mesh_param=None, config_params=None, a_future_keyword=None):
+        calls.append(dict(locals()))
+        return "engine", optimizer, training_data, lr_scheduler
+    return initialize
+
+
+def test_initialize_wrapper_forwards_every_argument_as_given():
+    calls = []
+    wrapped = dsi._wrap_initialize(fake_deepspeed_initialize(calls))
+    cfg = {"train_micro_batch_size_per_gpu": 1}
+    result = wrapped(None, "model", "opt", config=cfg, distributed_port=1234, a_future_keyword=7)
+    assert result == ("engine", "opt", None, None)
+    assert calls[0]["model"] == "model" and calls[0]["optimizer"] == "opt" and calls[0]["config"] is cfg
+    assert calls[0]["distributed_port"] == 1234 and calls[0]["a_future_keyword"] == 7
+    with pytest.raises(TypeError, match="no_such_keyword"):  # DeepSpeed's own error, not ours
+        wrapped(model="m", no_such_keyword=1)
+
+
+def test_initialize_wrapper_strips_comm_profile_and_keeps_the_rest(monkeypatch):
+    import pma_dist.comm
+
+    calls, attached = [], []
+    monkeypatch.setattr(pma_dist.comm, "attach_to_engine", lambda engine, section: attached.append((engine, section)))
+    wrapped = dsi._wrap_initialize(fake_deepspeed_initialize(calls))
+    cfg = {"train_micro_batch_size_per_gpu": 1, "comm_profile": {"enabled": True, "output_dir": "x"}}
+    wrapped(model="m", config_params=cfg, a_future_keyword="kept")
+    assert calls[0]["config_params"] == {"train_micro_batch_size_per_gpu": 1} and "comm_profile" in cfg
+    assert calls[0]["a_future_keyword"] == "kept" and calls[0]["model"] == "m"
+    assert attached == [("engine", {"enabled": True, "output_dir": "x"})]
+
+
 # ---------------------------------------------------------------------------------------------- import hook
 def test_import_is_lazy_and_deepspeed_is_patched_when_imported():
     """``import pma_dist`` does not import DeepSpeed; importing it later (even after a find_spec
@@ -144,9 +180,9 @@ def test_deepspeed_imported_before_pma_dist_is_patched_at_once():
         "import deepspeed, pma_dist, inspect\n"
         "from deepspeed.runtime.engine import DeepSpeedEngine as E\n"
         "assert E.__dict__.get('_pma_dist_patched') and deepspeed.initialize._pma_dist_wrapped\n"
-        "ours = list(inspect.signature(pma_dist.initialize).parameters)\n"
+        "ours = list(inspect.signature(deepspeed.initialize).parameters)\n"
         "theirs = list(inspect.signature(deepspeed.initialize.__wrapped__).parameters)\n"
-        "assert ours == theirs, (ours, theirs)\n"
+        "assert ours == theirs and 'config' in ours, (ours, theirs)\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=rank_env(), capture_output=True, text=True,

@@ -23,7 +23,6 @@ own, so "off" costs nothing. File format: see ``docs/comm_accounting.md``.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -64,34 +63,38 @@ def _group_size(group) -> int:
         return 1
 
 
-# torch function name -> (normalised op, argument holding the message, how its bytes are counted).
-# "times_group" sizes a message from one rank's piece when no full buffer is passed (gather/scatter on
-# non-root ranks).
-_COLLECTIVES: Dict[str, Tuple[str, str, str]] = {
-    "all_reduce": ("all_reduce", "tensor", "tensor"),
-    "all_reduce_coalesced": ("all_reduce", "tensors", "list"),
-    "broadcast": ("broadcast", "tensor", "tensor"),
-    "reduce": ("reduce", "tensor", "tensor"),
-    "all_gather": ("all_gather", "tensor_list", "list"),
-    "all_gather_single": ("all_gather", "output_tensor", "tensor"),
-    "all_gather_into_tensor": ("all_gather", "output_tensor", "tensor"),
-    "_all_gather_base": ("all_gather", "output_tensor", "tensor"),
-    "all_gather_coalesced": ("all_gather", "output_tensor_lists", "nested"),
-    "reduce_scatter": ("reduce_scatter", "input_list", "list"),
-    "reduce_scatter_single": ("reduce_scatter", "input", "tensor"),
-    "reduce_scatter_tensor": ("reduce_scatter", "input", "tensor"),
-    "_reduce_scatter_base": ("reduce_scatter", "input", "tensor"),
-    "all_to_all_single": ("all_to_all", "input", "tensor"),
-    "all_to_all": ("all_to_all", "input_tensor_list", "list"),
-    "gather": ("gather", "tensor", "times_group"),
-    "scatter": ("scatter", "tensor", "times_group"),
-    "barrier": ("barrier", "", "none"),
-    "monitored_barrier": ("barrier", "", "none"),
-    "send": ("send", "tensor", "tensor"),
-    "isend": ("send", "tensor", "tensor"),
-    "recv": ("recv", "tensor", "tensor"),
-    "irecv": ("recv", "tensor", "tensor"),
+# torch function name -> (normalised op, argument holding the message, its position in torch's signature,
+# how its bytes are counted). "times_group" sizes a message from one rank's piece when no full buffer is
+# passed (gather/scatter on non-root ranks; their ``group`` is at _GATHER_SCATTER_GROUP_POSITION).
+# Positions are written down, not read with inspect.signature: another tool may already have replaced a
+# collective with a ``(*args, **kwargs)`` wrapper, whose signature names no argument. They are torch's
+# public signatures; tests/test_comm_ledger.py checks them against the installed torch.
+_COLLECTIVES: Dict[str, Tuple[str, str, int, str]] = {
+    "all_reduce": ("all_reduce", "tensor", 0, "tensor"),
+    "all_reduce_coalesced": ("all_reduce", "tensors", 0, "list"),
+    "broadcast": ("broadcast", "tensor", 0, "tensor"),
+    "reduce": ("reduce", "tensor", 0, "tensor"),
+    "all_gather": ("all_gather", "tensor_list", 0, "list"),
+    "all_gather_single": ("all_gather", "output_tensor", 0, "tensor"),
+    "all_gather_into_tensor": ("all_gather", "output_tensor", 0, "tensor"),
+    "_all_gather_base": ("all_gather", "output_tensor", 0, "tensor"),
+    "all_gather_coalesced": ("all_gather", "output_tensor_lists", 0, "nested"),
+    "reduce_scatter": ("reduce_scatter", "input_list", 1, "list"),
+    "reduce_scatter_single": ("reduce_scatter", "input", 1, "tensor"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input", 1, "tensor"),
+    "_reduce_scatter_base": ("reduce_scatter", "input", 1, "tensor"),
+    "all_to_all_single": ("all_to_all", "input", 1, "tensor"),
+    "all_to_all": ("all_to_all", "input_tensor_list", 1, "list"),
+    "gather": ("gather", "tensor", 0, "times_group"),
+    "scatter": ("scatter", "tensor", 0, "times_group"),
+    "barrier": ("barrier", "", -1, "none"),
+    "monitored_barrier": ("barrier", "", -1, "none"),
+    "send": ("send", "tensor", 0, "tensor"),
+    "isend": ("send", "tensor", 0, "tensor"),
+    "recv": ("recv", "tensor", 0, "tensor"),
+    "irecv": ("recv", "tensor", 0, "tensor"),
 }
+_GATHER_SCATTER_GROUP_POSITION = 3
 # Object collectives (all_gather_object, broadcast_object_list, ...) are left alone on purpose: they are
 # built from the tensor collectives above, which count the real messages they send.
 
@@ -129,10 +132,9 @@ class _Interceptor:
         self.originals.clear()
         self.ledger = None
 
-    def _wrap(self, name: str, spec: Tuple[str, str, str], original: Callable) -> Callable:
-        op, arg_name, how = spec
-        params = list(inspect.signature(original).parameters)
-        arg_index = params.index(arg_name) if arg_name else -1
+    def _wrap(self, name: str, spec: Tuple[str, str, int, str], original: Callable) -> Callable:
+        op, arg_name, arg_index, how = spec
+        group_index = _GATHER_SCATTER_GROUP_POSITION
         local = self.local
         interceptor = self
 
@@ -153,7 +155,8 @@ class _Interceptor:
             else:
                 arg = args[arg_index] if arg_index < len(args) else kwargs.get(arg_name)
                 if how == "times_group":
-                    nbytes = _nbytes(arg) * _group_size(kwargs.get("group", args[3] if len(args) > 3 else None))
+                    group = kwargs.get("group", args[group_index] if len(args) > group_index else None)
+                    nbytes = _nbytes(arg) * _group_size(group)
                 else:
                     nbytes = _MEASURE[how](arg)
             ledger.record(op, nbytes, seconds, name)

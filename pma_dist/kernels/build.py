@@ -5,15 +5,24 @@ The extension is compiled once per machine and cached by torch (``$TORCH_EXTENSI
 SIMD level torch itself dispatches to on this CPU (AVX512, AVX2 or plain), and that level is part of
 the extension's name so a cache shared by different machines never loads code the CPU cannot run.
 
+Following torch's level (not the CPU's) keeps the kernel and the foreach path on the same code path:
+torch's narrower levels round differently (its plain level, like the kernel's, has no FMA). To run
+a narrower level on a wider CPU, set torch's own switch before starting Python,
+``ATEN_CPU_CAPABILITY=avx2`` or ``=default``: torch and the kernel (a separate extension,
+``pma_dist_cpu_kernels_avx2`` / ``_default``) both take it. The tests use it to check every level a
+machine can run (``tests/test_fast_paths.py``).
+
 Nothing here raises at import: :func:`load_cpu_kernels` returns the module or raises
 :class:`FusedKernelUnavailable` with the reason (no compiler, build error, unsupported platform), and
 :func:`unavailable_reason` reports the same reason without raising.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -42,9 +51,14 @@ _module = None
 _error: Optional[str] = None
 
 
-def _capability() -> str:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability if capability in _CAPABILITY_FLAGS else "DEFAULT"
+#: torch's x86 CPU capabilities the kernel is built for, narrowest first.
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+def capability() -> str:
+    """The SIMD level the kernel is (or will be) built for: torch's own, DEFAULT for any other."""
+    level = torch.backends.cpu.get_cpu_capability()
+    return level if level in _CAPABILITY_FLAGS else "DEFAULT"
 
 
 def _compiler() -> str:
@@ -81,6 +95,24 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _interpreter_tools_first():
+    """The interpreter's own bin directory (a venv's: the ninja pip installed) first on PATH while
+    building. torch runs whichever ``ninja`` PATH names, and two ninja versions (a system one and the
+    venv's) disagree about what is up to date, so a process with the venv activated and one without
+    would rebuild the kernel in turn."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if not os.path.isfile(os.path.join(bindir, "ninja")) or path.split(os.pathsep)[0] == bindir:
+        yield
+        return
+    os.environ["PATH"] = bindir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def _build():
     if platform.system() == "Windows":
         raise FusedKernelUnavailable("the fused PMA CPU kernels are built with GCC/Clang flags; not supported on Windows")
@@ -91,12 +123,13 @@ def _build():
             f"or select the foreach path (fused=False)")
     from torch.utils.cpp_extension import load  # imported lazily: it pulls in setuptools
 
-    capability = _capability()
-    flags = _COMMON_FLAGS + _CAPABILITY_FLAGS[capability]
-    return load(
-        name=f"pma_dist_cpu_kernels_{capability.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("PMA_DIST_VERBOSE_BUILD") == "1",
-    )
+    level = capability()
+    flags = _COMMON_FLAGS + _CAPABILITY_FLAGS[level]
+    with _interpreter_tools_first():
+        return load(
+            name=f"pma_dist_cpu_kernels_{level.lower()}",
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=os.environ.get("PMA_DIST_VERBOSE_BUILD") == "1",
+        )

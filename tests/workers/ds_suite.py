@@ -255,21 +255,48 @@ def _masters_match_model(engine) -> bool:
     return True
 
 
-def overflow_case(config_name, rank, world, **overrides):
+@contextlib.contextmanager
+def fp16_claimed(report_unsupported_first: bool = False):
+    """DeepSpeed's CPU accelerator reports fp16 only where oneDNN has native fp16 (AVX512-FP16, e.g. Intel
+    Sapphire Rapids; not AMD EPYC) and the engine then refuses fp16 configs; torch computes fp16 on any
+    CPU, and the loss scaler's overflow path under test does not depend on it. So where the report says
+    no, it is overridden for this case (``report_unsupported_first`` fakes that report, to run the
+    override here too). Yields whether the override was needed."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    had_own = "is_fp16_supported" in vars(accelerator)
+    original = accelerator.is_fp16_supported
+    if report_unsupported_first:
+        accelerator.is_fp16_supported = lambda: False
+    overridden = not accelerator.is_fp16_supported()
+    if overridden:
+        accelerator.is_fp16_supported = lambda: True
+    try:
+        yield overridden
+    finally:
+        if had_own:
+            accelerator.is_fp16_supported = original
+        else:
+            vars(accelerator).pop("is_fp16_supported", None)
+
+
+def overflow_case(config_name, rank, world, report_unsupported_first=False, **overrides):
     """fp16: an inf loss overflows, DeepSpeed skips the step, the PMA clock must not advance."""
     cfg = load_config(config_name, **overrides)
     cfg.pop("bf16", None)
     cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
-    engine = build(cfg)
-    train(engine, 3, rank, world)
-    before = [g["step"] for g in engine.basic_optimizer.param_groups]
-    train(engine, 1, rank, world, first=3, poison_step=3)
-    after_poison = [g["step"] for g in engine.basic_optimizer.param_groups]
-    train(engine, 2, rank, world, first=4)
-    result = optimizer_facts(engine)
-    result.update(steps_before=before, steps_after_overflow=after_poison, skipped_steps=engine.skipped_steps,
-                  global_steps=engine.global_steps)
-    engine.destroy()
+    with fp16_claimed(report_unsupported_first) as overridden:
+        engine = build(cfg)
+        train(engine, 3, rank, world)
+        before = [g["step"] for g in engine.basic_optimizer.param_groups]
+        train(engine, 1, rank, world, first=3, poison_step=3)
+        after_poison = [g["step"] for g in engine.basic_optimizer.param_groups]
+        train(engine, 2, rank, world, first=4)
+        result = optimizer_facts(engine)
+        result.update(steps_before=before, steps_after_overflow=after_poison, skipped_steps=engine.skipped_steps,
+                      global_steps=engine.global_steps, fp16_report_overridden=overridden)
+        engine.destroy()
     return result
 
 
@@ -398,6 +425,8 @@ def make_cases(rank, world, ckpt: Path):
         "fp16_overflow_zero0": lambda: overflow_case("zero0_adamw_pma_fp32.json", rank, world),
         "fp16_overflow_zero2": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world),
         "fp16_overflow_zero3": lambda: overflow_case("zero3_lion_pma_fp32.json", rank, world),
+        "fp16_overflow_zero2_reported_unsupported": lambda: overflow_case("zero2_adamw_pma_fp32.json", rank, world,
+                                                                          report_unsupported_first=True),
         "error_ga_explicit": lambda: error_case(load_config("zero2_adamw_pma_fp32.json",
                                                             gradient_accumulation_steps=4), rank, world),
         "error_ga_implied": lambda: error_case(
