@@ -1,0 +1,59 @@
+"""PMA optimizers through accelerate (DeepSpeed plugin, ZeRO-2; plain multi-process) and FSDP2 on 2 CPU
+ranks, full model and PEFT/LoRA adapters, against a one-process plain loop over the same global batches
+(worker: ``tests/workers/integrations_accelerate.py``).
+
+Tolerances. AdamW-PMA (eps=1e-3, lr=1e-3, 8 steps, gradients clipped to norm 1): the runs differ only
+in float32 rounding of the gradient (the all-reduce sums two ranks' means and divides; the plain loop
+takes one mean), |dg| <= RHO = 1e-6, and a step moves by at most 2 * lr * |dg| / eps, so
+|dp| <= 8 * 2 * 1e-3 * 1e-6 / 1e-3 = 1.6e-5; ADAMW_TOL = 5e-5 leaves a factor 3 for the later gradients
+moving with the parameters. Lion-PMA moves every element by +-lr (large step) or +-lr/K (small step),
+so a rounding difference either changes nothing or flips one sign, which only an element whose
+update direction is within rounding of 0 can do: at most LION_FLIPS = 1e-3 of the elements may differ
+by more than lr/(2K). The negative control (the plain loop with period 8) must miss both bounds.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.launching import require_shared_data, run_ranks
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("accelerate", reason="accelerate is not installed")
+pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[integrations]')")
+
+ADAMW_TOL = 5e-5
+LION_FLIPS = 1e-3
+
+
+@pytest.mark.parametrize("frontend,method,lora", [
+    ("accelerate-deepspeed", "adamw_pma", True),
+    ("accelerate-deepspeed", "lion_pma", True),
+    ("fsdp2", "adamw_pma", True),
+    ("fsdp2", "lion_pma", True),
+    ("accelerate-ddp", "adamw_pma", False),
+])
+def test_two_ranks_step_every_micro_batch_and_match_plain_loop(tmp_path, frontend, method, lora):
+    model = require_shared_data("models", "stories260K")
+    text = require_shared_data("text", "tinyshakespeare_train.txt")
+    out = tmp_path / "result.json"
+    run_ranks("integrations_accelerate.py", ["--frontend", frontend, "--method", method, "--model", model,
+                                            "--text", text, "--out", out] + (["--lora"] if lora else []),
+              nproc=2, timeout=240)
+    result = json.loads(out.read_text())
+    assert result["world"] == 2
+    assert result["optimizer"] == {"adamw_pma": "AdamWPMA", "lion_pma": "LionPMA"}[method]
+    assert result["period"] == [4]
+    assert set(result["group_steps"]) == {8}  # one PMA step per micro-batch (8 micro-batches per rank)
+    assert result["moved"] > 0
+    if lora:
+        assert result["frozen_tensors"] > 0 and result["frozen_moved"] == 0.0  # only the adapters train
+        assert 0 < result["trainable_tensors"] < result["frozen_tensors"]
+    if method == "adamw_pma":
+        assert result["max_diff"] <= ADAMW_TOL, result
+        assert result["control_diff"] > 4 * ADAMW_TOL, result
+    else:
+        assert result["mismatched_fraction"] <= LION_FLIPS, result
+        assert result["control_mismatched_fraction"] > 100 * LION_FLIPS, result
