@@ -93,9 +93,10 @@ def count_steps(optimizer, steps):
     optimizer.register_step_post_hook(lambda *_: steps.append(1))
 
 
-def plain_loop(model, batches, loss_fn, period):
-    """The reference: forward, backward, clip to norm 1, one AdamW-PMA step per micro-batch."""
-    optimizer = AdamWPMA(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0, period=period)
+def plain_loop(model, batches, loss_fn, period, optimizer_cls=AdamWPMA, **hyper):
+    """The reference: forward, backward, clip to norm 1, one PMA step per micro-batch."""
+    hyper = hyper or dict(lr=LR, eps=EPS, weight_decay=0.0)
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], period=period, **hyper)
     for batch in batches:
         loss_fn(model, batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,6 +211,57 @@ def dpo_loss(beta, reference):
             ref_chosen, ref_rejected = sequence_logps(reference, batch).chunk(2)
         return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
     return loss
+
+
+LION_LR = 1e-4
+LION_FLIPS = 1e-3  # see tests/test_integrations_distributed.py: a rounding difference can only flip a sign
+
+
+@pytest.mark.parametrize("method", ["adamw_pma", "lion_pma"])
+def test_sft_trainer_lora_adapters_with_pma_match_plain_loop(tmp_path, method):
+    """PEFT/LoRA through SFTTrainer(peft_config=...): only the adapters train, one step per micro-batch."""
+    peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[integrations]')")
+    from trl import SFTConfig, SFTTrainer
+    from pma_dist import LionPMA
+    model, tokenizer = load_model()
+    hyper = dict(lr=LR, eps=EPS, weight_decay=0.0) if method == "adamw_pma" else dict(lr=LION_LR, weight_decay=0.0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    torch.manual_seed(0)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**common_args(tmp_path), max_length=64), peft_config=config,
+                         train_dataset=sft_dataset(), processing_class=tokenizer, callbacks=[PMACallback()],
+                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(method, period=PERIOD, **hyper))
+    # an independent copy: TRL patched the trainer model's forward with a closure over that very model,
+    # so a deepcopy would still compute through it
+    initial = peft.get_peft_model(load_model()[0], config)
+    initial.load_state_dict(trainer.model.state_dict())
+    batches, steps = record(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PMASettingsWarning)
+        trainer.train()
+    pma = find_pma_optimizer(trainer.optimizer)
+    assert isinstance(pma, AdamWPMA if method == "adamw_pma" else LionPMA)
+    assert trainer.state.global_step == STEPS and len(batches) == STEPS
+    assert {g["step"] for g in pma.param_groups if g["params"]} == {STEPS}
+    optimized = [p for g in pma.param_groups for p in g["params"]]
+    assert optimized and all("lora_" in n for n, p in trainer.model.named_parameters()
+                             if any(p is q for q in optimized))
+    cls = type(pma)
+    reference = plain_loop(copy.deepcopy(initial), batches, sft_loss, PERIOD, cls, **hyper)
+    control = plain_loop(copy.deepcopy(initial), batches, sft_loss, 2 * PERIOD, cls, **hyper)
+    trained, start = dict(trainer.model.named_parameters()), dict(initial.named_parameters())
+    frozen = [n for n, p in start.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(trained[n], start[n]) for n in frozen)
+    if method == "adamw_pma":
+        assert max_difference(trainer.model, reference) <= TOL
+        assert max_difference(trainer.model, control) > 4 * TOL
+    else:
+        def flipped(other):
+            named = dict(other.named_parameters())
+            diffs = [(trained[n].detach() - named[n].detach()).abs() > LION_LR / PERIOD / 2
+                     for n, p in start.items() if p.requires_grad]
+            return sum(int(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)
+        assert flipped(reference) <= LION_FLIPS
+        assert flipped(control) > 100 * LION_FLIPS
 
 
 def test_dpo_trainer_adamw_pma_via_optimizers_matches_plain_loop(tmp_path):
