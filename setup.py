@@ -52,6 +52,8 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "pytest-timeout"],
+        # the framework integrations of docs/integrations.md (tested: trl 1.16.0, peft 0.21.2)
+        "integrations": ["trl>=1.16", "peft>=0.21"],
     },
     package_data={"pma_dist.integrations": [AUTOLOAD_PTH.name]},  # in the sdist, for build_py to copy
     cmdclass={"build_py": BuildPyWithAutoload},
