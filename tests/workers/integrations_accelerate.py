@@ -12,9 +12,9 @@ Front ends (``--frontend``):
 
 Every rank reads micro-batch ``MICRO`` rows ``[(s * world + rank) * MICRO, ...)`` at step ``s``; all tokens
 are labelled and rows have one length, so the mean of the ranks' mean losses is the global batch's mean
-loss and the all-reduced gradient is the plain loop's gradient. Rank 0 writes JSON facts.
+loss and the all-reduced gradient is the plain loop's gradient. Rank 0 writes JSON facts per method.
 
-Usage: ``torchrun --nproc_per_node=2 integrations_accelerate.py --frontend F --method adamw_pma [--lora]
+Usage: ``torchrun --nproc_per_node=2 integrations_accelerate.py --frontend F --methods adamw_pma,lion_pma [--lora]
 --model DIR --text FILE --out results.json``
 """
 from __future__ import annotations
@@ -71,36 +71,24 @@ def full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def main():
-    pop_local_rank_arg()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--frontend", required=True, choices=["accelerate-deepspeed", "accelerate-ddp", "fsdp2"])
-    parser.add_argument("--method", required=True, choices=sorted(HYPER))
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    text = Path(args.text).read_text(encoding="utf-8")[:20000]
-
+def train_one(args, method, tokenizer, text) -> dict:
+    """Train with ``method`` through ``args.frontend``; the facts rank 0 reports."""
     model = build_model(args.model, args.lora)
     initial = copy.deepcopy(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     if args.frontend == "fsdp2":
         from pma_dist import torch_parallel
-        torch_parallel.init_process_group()
-        trainer = torch_parallel.setup(model, backend="fsdp", optimizer=args.method, optimizer_kwargs=HYPER[args.method],
+        if not dist.is_initialized():
+            torch_parallel.init_process_group()
+        trainer = torch_parallel.setup(model, backend="fsdp", optimizer=method, optimizer_kwargs=HYPER[method],
                                        period=PERIOD, max_grad_norm=CLIP)
         rank, world = dist.get_rank(), dist.get_world_size()
         optimizer, wrapped = trainer.optimizer, trainer.model
     else:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state()  # one Accelerator per process state: a fresh one for each method
         if args.frontend == "accelerate-deepspeed":
             from accelerate.utils import DeepSpeedPlugin
             configure_accelerate_for_deepspeed()  # CPU: accelerate would count one process
@@ -110,7 +98,7 @@ def main():
             accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
         else:
             accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: accelerate's MULTI_CPU
-        wrapped, optimizer = accelerator.prepare(model, optimizer_for(args.method, trainable))
+        wrapped, optimizer = accelerator.prepare(model, optimizer_for(method, trainable))
         rank, world = accelerator.process_index, accelerator.num_processes
 
     ids = torch.tensor(tokenizer(text)["input_ids"][: STEPS * world * MICRO * SEQ]).view(-1, SEQ)
@@ -131,8 +119,8 @@ def main():
     pma = find_pma_optimizer(optimizer)
     trained = {n: full(p.detach()) for n, p in (wrapped.module if hasattr(wrapped, "module") and
                                                  args.frontend != "fsdp2" else wrapped).named_parameters()}
-    reference = dict(plain_loop(copy.deepcopy(initial), ids, args.method, world, PERIOD).named_parameters())
-    control = dict(plain_loop(copy.deepcopy(initial), ids, args.method, world, 2 * PERIOD).named_parameters())
+    reference = dict(plain_loop(copy.deepcopy(initial), ids, method, world, PERIOD).named_parameters())
+    control = dict(plain_loop(copy.deepcopy(initial), ids, method, world, 2 * PERIOD).named_parameters())
     start = dict(initial.named_parameters())
 
     def max_diff(other, names):
@@ -140,26 +128,51 @@ def main():
 
     def mismatched(other, names):
         """Fraction of trainable elements whose value differs by more than half the smallest Lion step."""
-        threshold = HYPER[args.method]["lr"] / PERIOD / 2
+        threshold = HYPER[method]["lr"] / PERIOD / 2
         bad = sum(int(((trained[n] - other[n].detach()).abs() > threshold).sum()) for n in names)
         return bad / sum(trained[n].numel() for n in names)
 
     trainable_names = [n for n, p in start.items() if p.requires_grad]
     frozen_names = [n for n, p in start.items() if not p.requires_grad]
-    if rank == 0:
-        Path(args.out).write_text(json.dumps({
-            "world": world,
-            "optimizer": type(pma).__name__,
-            "group_steps": [g["step"] for g in pma.param_groups],
-            "period": sorted({g["period"] for g in pma.param_groups}),
-            "trainable_tensors": len(trainable_names), "frozen_tensors": len(frozen_names),
-            "max_diff": max_diff(reference, trainable_names),
-            "control_diff": max_diff(control, trainable_names),
-            "mismatched_fraction": mismatched(reference, trainable_names),
-            "control_mismatched_fraction": mismatched(control, trainable_names),
-            "moved": max_diff(start, trainable_names),
-            "frozen_moved": max_diff(start, frozen_names) if frozen_names else 0.0,
-        }, indent=1))
+    return {
+        "rank": rank,
+        "world": world,
+        "optimizer": type(pma).__name__,
+        "group_steps": [g["step"] for g in pma.param_groups],
+        "period": sorted({g["period"] for g in pma.param_groups}),
+        "trainable_tensors": len(trainable_names), "frozen_tensors": len(frozen_names),
+        "max_diff": max_diff(reference, trainable_names),
+        "control_diff": max_diff(control, trainable_names),
+        "mismatched_fraction": mismatched(reference, trainable_names),
+        "control_mismatched_fraction": mismatched(control, trainable_names),
+        "moved": max_diff(start, trainable_names),
+        "frozen_moved": max_diff(start, frozen_names) if frozen_names else 0.0,
+    }
+
+
+def main():
+    pop_local_rank_arg()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frontend", required=True, choices=["accelerate-deepspeed", "accelerate-ddp", "fsdp2"])
+    parser.add_argument("--methods", required=True, help="comma-separated, from " + ", ".join(sorted(HYPER)))
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(HYPER))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected names from {sorted(HYPER)}")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    text = Path(args.text).read_text(encoding="utf-8")[:20000]
+    results = {method: train_one(args, method, tokenizer, text) for method in methods}
+    if all(r["rank"] == 0 for r in results.values()):
+        Path(args.out).write_text(json.dumps(results, indent=1))
     shutdown(0)
 
 
