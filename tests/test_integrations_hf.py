@@ -157,6 +157,32 @@ def test_import_pma_dist_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
+def callback_warnings(optimizer, max_steps=80, **settings):
+    """What PMACallback says at train begin for these TrainingArguments (no model, no training)."""
+    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True, **settings)
+    state = transformers.TrainerState(max_steps=max_steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PMACallback().on_train_begin(args, state, transformers.TrainerControl(), optimizer=optimizer)
+    return [str(w.message) for w in caught if issubclass(w.category, PMASettingsWarning)]
+
+
+def test_callback_lists_only_step_counts_and_checks_lr():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    said = callback_warnings(AdamWPMA(params, lr=1e-4, period=8), learning_rate=1e-4, max_grad_norm=0.0,
+                             warmup_steps=0.1, logging_steps=10, eval_strategy="no", eval_steps=50,
+                             save_strategy="steps", save_steps=200)
+    assert len(said) == 1, said  # no clipping warning at max_grad_norm=0, lr agrees
+    assert "max_steps (the scheduler's length)=80, logging_steps=10, save_steps=200." in said[0]
+    assert "warmup_steps" not in said[0] and "eval_steps" not in said[0]  # a fraction; eval off
+    said = callback_warnings(AdamWPMA(params, lr=1e-3, period=8), learning_rate=5e-5, max_grad_norm=0.5)
+    assert any("max_grad_norm=0.5 with AdamWPMA(period=8)" in m for m in said), said
+    assert any("has lr [0.001] but TrainingArguments.learning_rate=5e-05" in m for m in said), said
+    # period 1 is plain AdamW / Lion: nothing to say, and accumulation is fine
+    assert callback_warnings(AdamWPMA(params, period=1), gradient_accumulation_steps=4) == []
+    assert callback_warnings(torch.optim.AdamW(params), gradient_accumulation_steps=4) == []
+
+
 # ------------------------------------------------------------------------------------------ HF Trainer
 def test_hf_trainer_lion_pma_steps_every_micro_batch_and_warns(tmp_path):
     """Plain Trainer, Lion-PMA by name; the callback's warnings carry the numbers it found."""

@@ -1,4 +1,4 @@
-"""PMA optimizers in ms-swift (the framework of the PMA paper): ``swift sft --optimizer adamw_pma --optim_args period=8``.
+"""PMA optimizers in ms-swift, the PMA paper's framework: ``swift sft --optimizer adamw_pma --optim_args period=8``.
 
 ms-swift (interface of 4.6.0) builds its optimizer through a callback class looked up by ``--optimizer``
 in ``swift.optimizers.optimizers_map``; ``--external_plugins FILE`` imports a Python file first. This
@@ -51,7 +51,8 @@ def _optimizer_keywords(name: str, args) -> dict:
     extra = parse_optim_args(getattr(args, "optim_args", None))
     if "period" not in extra:
         raise ValueError(f"--optimizer {name} needs --optim_args period=K (the PMA period, what "
-                         "--gradient_accumulation_steps would have been; then run with --gradient_accumulation_steps 1)")
+                         "--gradient_accumulation_steps would have been; then run with "
+                         "--gradient_accumulation_steps 1)")
     hyper = {"lr": float(args.learning_rate)}
     if method.family == "adamw":
         hyper.update(betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=float(args.adam_epsilon))
