@@ -27,7 +27,6 @@ from pma_dist import AdamWPMA
 from tests.launching import require_shared_data
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[integrations]')")
 
 from pma_dist.integrations.hf import (PMACallback, PMASettingsWarning, find_pma_optimizer,  # noqa: E402
                                       gradient_accumulation_steps, optimizer_cls_and_kwargs)
@@ -36,6 +35,10 @@ LR, EPS, PERIOD, STEPS, MICRO = 1e-3, 1e-3, 4, 8, 2
 RHO = 1e-6
 TOL = 5e-5  # see the module docstring: N * 2 * lr * RHO / eps = 1.6e-5, x3
 assert STEPS * 2 * LR * RHO / EPS * 3 <= TOL * 1.0001
+
+
+def require_trl():
+    return pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[integrations]')")
 
 
 def load_model():
@@ -207,6 +210,7 @@ def test_hf_trainer_lion_pma_steps_every_micro_batch_and_warns(tmp_path):
 
 # ------------------------------------------------------------------------------------------ TRL
 def test_sft_trainer_adamw_pma_steps_every_micro_batch_and_matches_plain_loop(tmp_path):
+    require_trl()
     from trl import SFTConfig, SFTTrainer
     model, tokenizer = load_model()
     initial = copy.deepcopy(model)
@@ -246,6 +250,7 @@ LION_FLIPS = 1e-3  # see tests/test_integrations_distributed.py: a rounding diff
 @pytest.mark.parametrize("method", ["adamw_pma", "lion_pma"])
 def test_sft_trainer_lora_adapters_with_pma_match_plain_loop(tmp_path, method):
     """PEFT/LoRA through SFTTrainer(peft_config=...): only the adapters train, one step per micro-batch."""
+    require_trl()
     peft = pytest.importorskip("peft", reason="PEFT is not installed (pip install -e '.[integrations]')")
     from trl import SFTConfig, SFTTrainer
     from pma_dist import LionPMA
@@ -291,6 +296,7 @@ def test_sft_trainer_lora_adapters_with_pma_match_plain_loop(tmp_path, method):
 
 
 def test_dpo_trainer_adamw_pma_via_optimizers_matches_plain_loop(tmp_path):
+    require_trl()
     from trl import DPOConfig, DPOTrainer
     model, tokenizer = load_model()
     initial = copy.deepcopy(model)
@@ -309,6 +315,7 @@ def test_dpo_trainer_adamw_pma_via_optimizers_matches_plain_loop(tmp_path):
 
 @pytest.mark.parametrize("trainer_kind", ["sft", "dpo"])
 def test_gradient_accumulation_with_pma_is_refused_before_any_step(tmp_path, trainer_kind):
+    require_trl()
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
     model, tokenizer = load_model()
     initial = copy.deepcopy(model)
