@@ -1,6 +1,6 @@
-"""PMA optimizers through accelerate (DeepSpeed plugin, ZeRO-2; plain multi-process) and FSDP2 on 2 CPU
-ranks, full model and PEFT/LoRA adapters, against a one-process plain loop over the same global batches
-(worker: ``tests/workers/integrations_accelerate.py``).
+"""PMA optimizers through accelerate (DeepSpeed plugin, ZeRO-2; plain multi-process), FSDP2 and TRL's
+SFTTrainer (DDP) on 2 CPU ranks, full model and PEFT/LoRA adapters, against a one-process plain loop over
+the same global batches (workers: ``tests/workers/integrations_accelerate.py``, ``integrations_trl.py``).
 
 Tolerances. AdamW-PMA (eps=1e-3, lr=1e-3, 8 steps, gradients clipped to norm 1): the runs differ only
 in float32 rounding of the gradient (the all-reduce sums two ranks' means and divides; the plain loop
@@ -58,3 +58,20 @@ def test_two_ranks_step_every_micro_batch_and_match_plain_loop(tmp_path, fronten
         else:
             assert result["mismatched_fraction"] <= LION_FLIPS, (method, result)
             assert result["control_mismatched_fraction"] > 100 * LION_FLIPS, (method, result)
+
+
+def test_trl_sft_trainer_on_two_ranks_matches_plain_loop(tmp_path):
+    """TRL SFTTrainer, DDP over 2 CPU ranks (worker: tests/workers/integrations_trl.py); AdamW-PMA bound above."""
+    pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[integrations]')")
+    model = require_shared_data("models", "stories260K")
+    sft = require_shared_data("sft", "alpaca_mix_train.jsonl")
+    out = tmp_path / "result.json"
+    run_ranks("integrations_trl.py", ["--model", model, "--sft", sft, "--out", out, "--tmp", tmp_path],
+              nproc=2, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["ranks_saw_other_rows"]
+    assert result["global_step"] == 8 and result["batches"] == [8, 8]
+    assert result["group_steps"] == [8, 8] and result["period"] == [4, 4]  # one PMA step per micro-batch
+    assert result["moved"] > 0
+    assert result["max_diff"] <= ADAMW_TOL, result
+    assert result["control_diff"] > 4 * ADAMW_TOL, result
