@@ -8,7 +8,7 @@ first ``.pth`` adds this interpreter's site-packages, so torch, DeepSpeed and TR
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -83,7 +83,12 @@ def test_editable_install_places_the_pth_and_it_works(editable_venv):
 
 @pytest.mark.slow
 def test_wheel_carries_the_pth_at_its_root(tmp_path):
-    proc = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, REPO], env_with(), timeout=600)
+    source = tmp_path / "src"  # a copy of what the wheel is built from, so no build/ lands in the checkout
+    shutil.copytree(REPO / "pma_dist", source / "pma_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    proc = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, source], env_with(),
+               timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("pma_dist-*.whl")
     with zipfile.ZipFile(wheel) as archive:
