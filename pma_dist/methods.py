@@ -79,18 +79,20 @@ class Method:
             params.update(period=k, variant=self.variant)
         return params
 
-    def build(self, params, k: int, **hyper) -> torch.optim.Optimizer:
-        """This method's optimizer over ``params``; ``k`` is the PMA period / GA length of the comparison."""
-        kwargs = self.optimizer_params(k, hyper)
+    @property
+    def optimizer_class(self) -> type:
+        """The class :meth:`build` instantiates (with :meth:`optimizer_params` as its keywords)."""
         if self.name == "adapm":
             from .adapm import AdaPM
 
-            return AdaPM(params, **kwargs)
+            return AdaPM
         if self.family == "lion":
-            return LionPMA(params, **kwargs)
-        if self.is_pma:
-            return AdamWPMA(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+            return LionPMA
+        return AdamWPMA if self.is_pma else torch.optim.AdamW
+
+    def build(self, params, k: int, **hyper) -> torch.optim.Optimizer:
+        """This method's optimizer over ``params``; ``k`` is the PMA period / GA length of the comparison."""
+        return self.optimizer_class(params, **self.optimizer_params(k, hyper))
 
     def deepspeed_config(self, k: int, hyper: Optional[dict] = None) -> dict:
         """The ``optimizer`` block and ``gradient_accumulation_steps`` of a DeepSpeed config for this method."""

@@ -327,6 +327,18 @@ def _group_by_device_and_dtype(*lists: List[Tensor]):
     return list(buckets.values())
 
 
+def _period_or_alias(cls_name: str, period, accumulate_steps):
+    """``period``, or its deprecated alias ``accumulate_steps`` (the authors' keyword); 8 if neither is given."""
+    if accumulate_steps is None:
+        return 8 if period is None else period
+    if period is not None:
+        raise ValueError(f"{cls_name}: pass period or accumulate_steps, not both (got period={period!r}, "
+                         f"accumulate_steps={accumulate_steps!r}); accumulate_steps is the old name of period")
+    warnings.warn(f"{cls_name}(accumulate_steps=...) is a deprecated alias of period=... (the PMA period K); "
+                  "pass period instead", DeprecationWarning, stacklevel=3)
+    return accumulate_steps
+
+
 class AdamWPMA(PMAOptimizer):
     """AdamW with periodical moving average (PMA) of the moments; steps on every micro-batch.
 
@@ -336,7 +348,9 @@ class AdamWPMA(PMAOptimizer):
         betas: EMA coefficients of the first and second moment across periods.
         eps: added to the denominator (honoured by both variants).
         weight_decay: decoupled weight decay, scaled like the step's learning rate.
-        period: K, the number of micro-steps per period (what gradient accumulation would call K).
+        period: K, the number of micro-steps per period (what gradient accumulation would call K); default 8.
+        accumulate_steps: deprecated alias of ``period`` (the keyword of the authors' code), with a
+            DeprecationWarning; passing both is an error.
         variant: ``"paper"`` (the default: the printed algorithm, whose momentum is GA's at the end of
             every period; K = 1 is exactly ``torch.optim.AdamW``) or ``"reference"`` (the authors'
             released code). The default was chosen by the post-training benchmark; see ``docs/math.md``.
@@ -359,13 +373,15 @@ class AdamWPMA(PMAOptimizer):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        period: int = 8,
+        period: Optional[int] = None,
         variant: str = "paper",
         *,
         lr_decay: str = "none",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        accumulate_steps: Optional[int] = None,
     ):
+        period = _period_or_alias(type(self).__name__, period, accumulate_steps)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, period=period, variant=variant, lr_decay=lr_decay)
         super().__init__(params, defaults, foreach, fused)
@@ -405,7 +421,8 @@ class LionPMA(PMAOptimizer):
         lr: learning rate of the large steps; small steps move by ``lr / period``.
         betas: ``beta1`` interpolates the update direction, ``beta2`` the momentum across periods.
         weight_decay: decoupled weight decay, applied with the full lr on every step.
-        period: K, the number of micro-steps per period.
+        period: K, the number of micro-steps per period; default 8.
+        accumulate_steps: deprecated alias of ``period`` (see AdamWPMA).
         lr_decay: ``"none"`` or ``"periodic"`` (see AdamWPMA).
         foreach: ``True`` selects the multi-tensor path, ``False`` the per-tensor path.
         fused: ``True`` runs the fused single-pass CPU kernel (the compiled step on GPU tensors), raising
@@ -420,12 +437,14 @@ class LionPMA(PMAOptimizer):
         lr: float = 1e-4,
         betas: Tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        period: int = 8,
+        period: Optional[int] = None,
         *,
         lr_decay: str = "none",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        accumulate_steps: Optional[int] = None,
     ):
+        period = _period_or_alias(type(self).__name__, period, accumulate_steps)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         weight_decay=weight_decay, period=period, lr_decay=lr_decay)
         super().__init__(params, defaults, foreach, fused)
