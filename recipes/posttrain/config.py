@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from pma_dist import distributed
+from pma_dist.comm.profile import CommProfile, parse_comm_profile
 from pma_dist.methods import METHODS, Method, get_method
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--output-dir", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from the last verified checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds one (its files move to replaced-<time>/)")
+    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"seconds a collective may wait for a peer before the job stops, and the watchdog's bound "
+                        f"for naming a hung rank (default: ${distributed.TIMEOUT_ENV} or "
+                        f"{distributed.DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints to unpickle arbitrary objects (off: torch.load(weights_only=True))")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code (off)")
@@ -113,6 +121,7 @@ class TrainConfig:
     eval_data: Optional[str]
     fallback: bool
     log_every: int
+    comm_profile: Optional[CommProfile] = None
 
     @property
     def method(self) -> Method:
@@ -135,11 +144,23 @@ class TrainConfig:
         return "deepspeed" if self.args.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
 
     def identity(self) -> dict:
-        """What a checkpoint must agree with to be resumed by this run."""
-        return {"checkpoint_format": self.checkpoint_format, "task": self.args.task,
+        """What a checkpoint must agree with to be resumed by this run: everything that changes the math
+        (method and variant, K, betas, eps, DPO beta) or the data stream (data, its length policy, the
+        micro batch, the seed). The settings of :meth:`reapplied` may change on resume instead."""
+        args = self.args
+        return {"checkpoint_format": self.checkpoint_format, "task": args.task,
                 "optimizer": self.optimizer, "period": self.period,
-                "micro_batch_size": self.micro_batch_size, "seed": self.args.seed, "model": self.model,
-                "train_data": self.train_data}
+                "micro_batch_size": self.micro_batch_size, "seed": args.seed, "model": self.model,
+                "train_data": self.train_data, "eval_data": self.eval_data, "eval_size": args.eval_size,
+                "max_train_records": args.max_train_records, "max_length": args.max_length,
+                "overlong": args.overlong, "betas": list(self.optimizer_params["betas"]),
+                "eps": self.optimizer_params.get("eps"), "dpo_beta": args.beta if args.task == "dpo" else None}
+
+    def reapplied(self) -> dict:
+        """Settings a resumed run takes from its own command line, not from the checkpoint (and logs if changed):
+        lowering the learning rate or the clipping after a spike is what a resume is often for."""
+        return {"lr": self.optimizer_params["lr"], "weight_decay": self.optimizer_params.get("weight_decay", 0.0),
+                "gradient_clipping": float(self.ds_config.get("gradient_clipping", 0.0))}
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -198,6 +219,11 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_every", "save_every", "keep_checkpoints"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                          "--output-dir, --overwrite starts a new one; pass one of them")
+    if args.collective_timeout is not None and not args.collective_timeout > 0:
+        raise ConfigError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")
     if args.beta <= 0:
         raise ConfigError(f"--beta (DPO) must be > 0, got {args.beta}")
     if args.backend != "deepspeed":
@@ -261,6 +287,10 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         ds["gradient_clipping"] = args.gradient_clipping
     if args.comm_profile:
         ds["comm_profile"] = {"enabled": True, "output_dir": args.comm_profile}
+    try:
+        comm_profile = parse_comm_profile(ds.get("comm_profile"))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     _positive("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"])
 
     log_every = args.log_every or period
@@ -288,4 +318,4 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
                           f"a character tokenizer meant only for the built-in synthetic task)")
     return TrainConfig(args=args, optimizer=optimizer, period=period, optimizer_params=params, ds_config=ds,
                        model=model, train_data=train_data, eval_data=args.eval_data, fallback=fallback,
-                       log_every=log_every)
+                       log_every=log_every, comm_profile=comm_profile)

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, data, fallback
+from pma_dist import distributed
+
+from . import checkpoints, data, fallback, run_dir
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -248,6 +251,8 @@ class Job:
     head: Optional[torch.nn.Parameter] = None  # the layer whose update variance is measured
     start: int = 0
     wall: float = 0.0
+    lineage: str = ""  # one run and its resumptions: checkpoint rotation deletes only this lineage's tags
+    watchdog: Optional[distributed.Watchdog] = None
 
     @property
     def common(self) -> dict:
@@ -270,26 +275,27 @@ class Job:
 
     def save(self, micro_step: int) -> None:
         tag = f"micro{micro_step:08d}"
-        state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity()}
+        state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity(),
+                 "reapplied": self.cfg.reapplied(), "lineage": self.lineage}
         self.engine.save(self.ckpt_dir, tag, state)
         dist.barrier()
         if self.rank == 0:
             checkpoints.write_manifest(self.ckpt_dir / tag, state)
-            checkpoints.publish(self.ckpt_dir, tag, self.cfg.args.keep_checkpoints)
+            checkpoints.publish(self.ckpt_dir, tag, self.cfg.args.keep_checkpoints, self.lineage)
         dist.barrier()
 
 
-def _join_process_group(backend: str) -> None:
+def _join_process_group(backend: str, timeout_s: Optional[float]) -> None:
     if dist.is_initialized():
         return
     if backend == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=distributed.collective_timeout(timeout_s))
     else:
         from pma_dist.torch_parallel import init_process_group
 
-        init_process_group()
+        init_process_group(timeout=timeout_s)
 
 
 def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
@@ -300,15 +306,34 @@ def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
     if tag is None:
         _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
         return None, {}
-    state = checkpoints.verify(ckpt_dir / tag)
-    # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's
+    try:
+        state = checkpoints.verify(ckpt_dir / tag)
+    except checkpoints.CheckpointError as exc:
+        raise checkpoints.CheckpointError(f"{exc}{checkpoints.older_intact_hint(ckpt_dir, tag)}") from None
+    # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's; keys added to the
+    # identity later are compared only where the checkpoint has them
     saved = dict({"checkpoint_format": "deepspeed"}, **state.get("identity", {}))
-    for key, value in cfg.identity().items():
-        if saved.get(key) != value:
-            raise checkpoints.CheckpointError(
-                f"checkpoint {ckpt_dir / tag} was written with {key}={saved.get(key)!r}, this run has "
-                f"{key}={value!r}")
+    differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in cfg.identity().items()
+              if key in saved and saved[key] != value]
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"checkpoint {ckpt_dir / tag} was written with {', '.join(differ)}: these change the math or the data, "
+            f"so --resume needs the checkpoint's values; to train with the new ones start a new run "
+            f"(--overwrite, or another --output-dir)")
     return tag, state
+
+
+def _reapply_after_load(job: Job, saved: dict) -> None:
+    """The resumed run trains with its own lr / weight decay (the loaded param groups carry the old ones)."""
+    now = job.cfg.reapplied()
+    for group in job.engine.optimizer.param_groups:
+        group["lr"] = now["lr"]
+        if "weight_decay" in group:
+            group["weight_decay"] = now["weight_decay"]
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            _say(job.rank, f"--resume: {key} {saved[key]!r} -> {value!r} (this run's value applied; the "
+                           f"checkpoint was trained with {saved[key]!r})")
 
 
 def prepare(cfg: TrainConfig) -> Job:
@@ -316,16 +341,25 @@ def prepare(cfg: TrainConfig) -> Job:
     from deepspeed.accelerator import get_accelerator
 
     args = cfg.args
-    _join_process_group(args.backend)
+    run_dir.check(cfg)  # outputs writable, no other run in --output-dir: before any process group or model
+    try:
+        distributed.collective_timeout(args.collective_timeout)
+    except ValueError as exc:  # a bad $PMA_DIST_COLLECTIVE_TIMEOUT
+        raise ConfigError(str(exc)) from None
+    _join_process_group(args.backend, args.collective_timeout)
+    watchdog = distributed.start_watchdog(args.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.fallback or cfg.train_data == FALLBACK:
         _say(rank, fallback.FALLBACK_BANNER)
 
     resume_tag, resume_state = _checked_resume_point(cfg, ckpt_dir, rank)
+    if resume_tag is None and rank == 0:  # --overwrite, or --resume with nothing to resume: keep the old files
+        moved = run_dir.set_aside(out)
+        if moved is not None:
+            _say(rank, f"the previous run's files in {out} moved to {moved}")
+    dist.barrier()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
     sets = load_datasets(cfg, tokenizer)
@@ -347,14 +381,16 @@ def prepare(cfg: TrainConfig) -> Job:
               objective=Objective(args.task, args.beta, reference),
               metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
               variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
-                        if args.log_update_variance else None))
+                        if args.log_update_variance else None),
+              lineage=resume_state.get("lineage") or uuid.uuid4().hex, watchdog=watchdog)
     if resume_tag is not None:
+        note = job.metrics.truncate_after(int(resume_state["micro_step"]))  # before loading: a bad log fails fast
         engine.load(ckpt_dir, resume_tag)
         job.start, job.wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
-        job.metrics.truncate_after(job.start)
+        _reapply_after_load(job, resume_state.get("reapplied", {}))
+        if note:
+            _say(rank, note)
         _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {job.start}")
-    else:
-        job.metrics.reset()
     job.head = last_layer(engine.module)
     if job.variance is not None:
         job.variance.observe(_full_weight(job.head))
@@ -377,6 +413,8 @@ def train_loop(job: Job) -> Optional[dict]:
         began = time.perf_counter()
         chunk = [job.sets.train.examples[i] for i in job.order.indices(micro, job.rank)]
         batch = _to_device(data.collate(chunk, args.task, job.pad), job.device)
+        if job.watchdog is not None:
+            job.watchdog.progress = f"micro-step {micro}"
         loss = engine.micro_step(lambda model: job.objective.loss(model, batch))
         job.wall += time.perf_counter() - began
         window_loss += loss.item()
@@ -415,14 +453,23 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
     summary = dict(job.common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(job.engine.optimizer),
                    engine_global_steps=job.engine.global_steps, world_size=job.world,
                    micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * job.samples_per_micro,
-                   wall_clock=job.wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
-                   variant=cfg.method.variant, model=cfg.model, train_data=cfg.train_data,
+                   wall_clock=job.wall, seed=args.seed, **ran_with(job), model=cfg.model, train_data=cfg.train_data,
                    train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
                    skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval)
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
     job.engine.release()
     return summary
+
+
+def ran_with(job: Job) -> dict:
+    """The hyper-parameters the optimizer actually stepped with (read from it, not from the flags)."""
+    group = job.engine.optimizer.param_groups[0]
+    betas = group.get("betas")
+    return dict(lr=group["lr"], betas=list(betas) if betas is not None else None, eps=group.get("eps"),
+                weight_decay=group.get("weight_decay"), variant=group.get("variant", job.cfg.method.variant),
+                optimizer_period=group.get("period"),
+                gradient_clipping=job.cfg.reapplied()["gradient_clipping"])
 
 
 def build_backend(cfg: TrainConfig, model):
