@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from pma_dist import distributed
 from pma_dist.comm.profile import CommProfile, parse_comm_profile
 from pma_dist.methods import METHODS, Method, get_method
@@ -201,6 +203,76 @@ def _check_torch_backend_flags(args: argparse.Namespace) -> None:
                           f"for checkpoints you wrote")
 
 
+# DeepSpeed optimizer types train.py maps onto a method without a registered class, and the keys they take
+_PLAIN_JSON_KEYS = {"adamw": {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "amsgrad"},
+                    "lion": {"lr", "betas", "weight_decay"}}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_json_values(user: dict, source: str) -> None:
+    """The DeepSpeed keys train.py reads, typed as DeepSpeed would need them: a bad one names key and file."""
+    def bad(key, value, expected):
+        raise ConfigError(f"{key}={value!r} in {source} must be {expected}")
+
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = user.get(key)
+        if value is None or (key == "gradient_accumulation_steps" and value == "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad(key, value, "a positive integer" + (' or "auto"' if key == "gradient_accumulation_steps" else ""))
+    clipping = user.get("gradient_clipping")
+    if clipping is not None and not (_is_number(clipping) and clipping >= 0):
+        bad("gradient_clipping", clipping, "a number >= 0 (0 disables clipping)")
+    zero = user.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, dict):
+            bad("zero_optimization", zero, 'an object such as {"stage": 2}')
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            bad("zero_optimization.stage", stage, "0, 1, 2 or 3")
+    block = user.get("optimizer")
+    if block is None:
+        return
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        bad("optimizer", block, 'an object with a "type" string, such as {"type": "AdamWPMA", "params": {...}}')
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        bad("optimizer.params", params, "an object")
+    ds_type = block["type"].lower()
+    if ds_type in _PLAIN_JSON_KEYS:
+        unknown = sorted(set(params) - _PLAIN_JSON_KEYS[ds_type])
+        if unknown:
+            raise ConfigError(f"optimizer.params key(s) {', '.join(map(repr, unknown))} in {source} are not taken "
+                              f"by optimizer type {block['type']!r} (valid: {', '.join(sorted(_PLAIN_JSON_KEYS[ds_type]))})")
+        for key in ("lr", "eps", "weight_decay"):
+            if key in params and not _is_number(params[key]):
+                bad(f"optimizer.params.{key}", params[key], "a number")
+        betas = params.get("betas")
+        if betas is not None and not (isinstance(betas, list) and len(betas) == 2 and all(map(_is_number, betas))):
+            bad("optimizer.params.betas", betas, "a list of two numbers")
+        return
+    # a registered PMA type: the optimizer's own constructor checks (the very checks deepspeed.initialize runs)
+    from pma_dist.deepspeed_integration import check_optimizer_params
+
+    try:
+        check_optimizer_params(block["type"], params, source=source)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_optimizer(method: Method, period: int, params: dict, source: str) -> None:
+    """The final optimizer settings (defaults < JSON < flags) through the method's own constructor, before any
+    model loads: a bad beta, eps, lr or weight decay stops the run here, not after the engine is built."""
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        method.build(stand_in, period, **dict(params, betas=tuple(params["betas"])))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--optimizer {method.name} with {params} (flags over {source}): {exc}") from None
+
+
 def _method_of_json(ds_type: str, params: dict, gradient_accumulation: Optional[int]) -> Method:
     """The training method a DeepSpeed ``optimizer`` block describes."""
     if ds_type == "adamwpma":
@@ -235,13 +307,14 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     ds.pop("train_batch_size", None)  # derived: micro batch x accumulation x ranks
 
     user_opt = user.get("optimizer", {}) or {}
-    user_type = str(user_opt.get("type", "")).lower()
+    user_type = str(user_opt.get("type", "")).lower() if isinstance(user_opt, dict) else ""
     if user_type and user_type not in DS_TYPES:
         raise ConfigError(f"optimizer type {user_opt['type']!r} in {source} is not supported by train.py "
                           f"(expected AdamWPMA, LionPMA, AdamW or Lion)")
+    _check_json_values(user, source)
     json_params = dict(user_opt.get("params") or {})
     user_ga = user.get("gradient_accumulation_steps")
-    json_ga = int(user_ga) if user_ga not in (None, "auto") and int(user_ga) > 1 else None
+    json_ga = user_ga if user_ga not in (None, "auto") and user_ga > 1 else None
     json_method = _method_of_json(user_type, json_params, json_ga) if user_type else None
     method = get_method(args.optimizer) if args.optimizer else (json_method or get_method("adamw_pma"))
     optimizer = method.name
@@ -278,6 +351,7 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         params.pop("eps", None)
     if not float(params["lr"]) > 0:
         raise ConfigError(f"learning rate must be > 0, got lr={params['lr']}")
+    _check_optimizer(method, period, params, source)
 
     if args.micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = args.micro_batch_size
