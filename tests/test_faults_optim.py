@@ -142,3 +142,11 @@ def test_a_step_where_no_tensor_of_a_group_has_a_gradient_does_not_advance_its_c
     p.grad = None
     opt.step()
     assert opt.param_groups[0]["step"] == 1
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_skipping_a_step_only_one_of_them_saw_as_non_finite():
+    from tests.launching import run_ranks
+
+    proc = run_ranks("train_nonfinite.py", nproc=2, launcher="torchrun", timeout=180)
+    assert "agreed [(7, 1), (7, 1)]" in proc.stdout

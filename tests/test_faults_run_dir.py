@@ -131,3 +131,18 @@ def test_job_refuses_overwrites_aside_and_resumes_with_new_lr(tmp_path):
     assert sorted(p.name for p in (moved[0] / "checkpoints").iterdir()) == ["latest_verified", "micro00000008",
                                                                           "micro00000012"]
     assert [r["micro_step"] for r in read_metrics(out / "metrics.jsonl", "train")] == [4]
+
+
+def test_a_corrupted_latest_checkpoint_points_to_the_intact_older_one(tmp_path):
+    older = _tag(tmp_path, "micro00000004", "a", age=20)
+    latest = _tag(tmp_path, "micro00000008", "a", age=10)
+    victim = latest / "mp_rank_00_model_states.pt"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    pointer = tmp_path / checkpoints.POINTER
+    assert checkpoints.older_intact_hint(tmp_path, latest.name) == (
+        f"; the older checkpoint {older} is intact: to resume from it, write its name into {pointer} "
+        f"(echo micro00000004 > {pointer}) and --resume again")
+    (older / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoints.older_intact_hint(tmp_path, latest.name) == "; no older intact checkpoint was found"

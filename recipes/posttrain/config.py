@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed",
                    help="deepspeed (ZeRO 0-3, --deepspeed CONFIG), fsdp (FSDP2 fully_shard) or ddp (DDP "
                         "no_sync for GA); fsdp/ddp take no --deepspeed/--zero-stage and write DCP checkpoints")
+    p.add_argument("--nonfinite", choices=("skip", "stop"), default=None,
+                   help="a NaN/inf gradient: skip that optimizer step on every rank, counted in the metrics (default "
+                        "for the PMA optimizers, not under ZeRO-3), or stop (a non-finite train loss always stops "
+                        "the run once no micro-batch of a log interval is finite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p
@@ -124,6 +128,7 @@ class TrainConfig:
     fallback: bool
     log_every: int
     comm_profile: Optional[CommProfile] = None
+    nonfinite: str = "stop"  # "skip": the PMA optimizers' skip_nonfinite guard is on
 
     @property
     def method(self) -> Method:
@@ -367,6 +372,16 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         raise ConfigError(f"{source}: {exc}") from None
     _positive("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"])
 
+    stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3 and args.backend == "deepspeed"
+    if args.nonfinite == "skip" and stage3:
+        raise ConfigError("--nonfinite skip needs one optimizer step() per rank and micro-step; ZeRO-3 steps once per "
+                          "sub-group: use --nonfinite stop or ZeRO stage 0-2")
+    guard_applies = method.deepspeed_type != "AdamW"  # torch.optim.AdamW (adamw, adamw_ga) has no guard
+    if args.nonfinite == "skip" and not guard_applies:
+        raise ConfigError(f"--nonfinite skip: --optimizer {optimizer} is torch.optim.AdamW, which has no non-finite "
+                          f"guard; use --nonfinite stop")
+    nonfinite = args.nonfinite or ("skip" if guard_applies and not stage3 else "stop")
+
     log_every = args.log_every or period
     schedule = method.schedule(period)
     if schedule.accumulation > 1:
@@ -392,4 +407,4 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
                           f"a character tokenizer meant only for the built-in synthetic task)")
     return TrainConfig(args=args, optimizer=optimizer, period=period, optimizer_params=params, ds_config=ds,
                        model=model, train_data=train_data, eval_data=args.eval_data, fallback=fallback,
-                       log_every=log_every, comm_profile=comm_profile)
+                       log_every=log_every, comm_profile=comm_profile, nonfinite=nonfinite)

@@ -261,6 +261,11 @@ class Job:
                     backend=args.backend)
 
     @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps the non-finite guard skipped, all runs of the lineage together."""
+        return int(getattr(self.engine.optimizer, "nonfinite_steps_skipped", 0))
+
+    @property
     def samples_per_micro(self) -> int:
         return self.cfg.micro_batch_size * self.world
 
@@ -276,7 +281,8 @@ class Job:
     def save(self, micro_step: int) -> None:
         tag = f"micro{micro_step:08d}"
         state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity(),
-                 "reapplied": self.cfg.reapplied(), "lineage": self.lineage}
+                 "reapplied": self.cfg.reapplied(), "lineage": self.lineage,
+                 "nonfinite_steps_skipped": self.skipped_steps}
         self.engine.save(self.ckpt_dir, tag, state)
         dist.barrier()
         if self.rank == 0:
@@ -372,6 +378,8 @@ def prepare(cfg: TrainConfig) -> Job:
         # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
+    if cfg.nonfinite == "skip":
+        engine.optimizer.skip_nonfinite = True  # a PMAOptimizer: resolve() refused the others
     device = torch.device(get_accelerator().current_device_name())
     if reference is not None:
         reference.to(device)
@@ -388,6 +396,8 @@ def prepare(cfg: TrainConfig) -> Job:
         engine.load(ckpt_dir, resume_tag)
         job.start, job.wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
         _reapply_after_load(job, resume_state.get("reapplied", {}))
+        if cfg.nonfinite == "skip":
+            engine.optimizer.nonfinite_steps_skipped = int(resume_state.get("nonfinite_steps_skipped", 0))
         if note:
             _say(rank, note)
         _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {job.start}")
@@ -417,8 +427,13 @@ def train_loop(job: Job) -> Optional[dict]:
             job.watchdog.progress = f"micro-step {micro}"
         loss = engine.micro_step(lambda model: job.objective.loss(model, batch))
         job.wall += time.perf_counter() - began
-        window_loss += loss.item()
-        window_n += 1
+        value = loss.item()
+        if math.isfinite(value):  # a non-finite one was skipped by the guard, or stops the run below
+            window_loss += value
+            window_n += 1
+        elif cfg.nonfinite == "stop":
+            raise FloatingPointError(f"train loss is {value} at micro-step {micro + 1} on rank {job.rank}: lower "
+                                     f"--lr (or pass --nonfinite skip to skip such steps)")
         done = micro + 1
         if progress is not None:
             progress.update(1)
@@ -429,10 +444,12 @@ def train_loop(job: Job) -> Optional[dict]:
                                   train_loss=window_loss / max(window_n, 1), **stats)
         if done % cfg.log_every == 0 or done == args.micro_steps:
             mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), job.device)
-            train_loss = (mean[0] / mean[1]).item()
+            train_loss = (mean[0] / mean[1]).item() if mean[1] > 0 else float("nan")
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"train loss is {train_loss} at micro-step {done}: lower --lr")
-            job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss)
+                raise FloatingPointError(f"train loss is {train_loss} at micro-step {done} (no finite micro-batch "
+                                         f"loss since the last log line): lower --lr")
+            job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss,
+                              nonfinite_steps_skipped=job.skipped_steps)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
@@ -455,7 +472,8 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
                    micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * job.samples_per_micro,
                    wall_clock=job.wall, seed=args.seed, **ran_with(job), model=cfg.model, train_data=cfg.train_data,
                    train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
-                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval)
+                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, nonfinite=cfg.nonfinite,
+                   nonfinite_steps_skipped=job.skipped_steps, **last_eval)
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
     job.engine.release()
