@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--overlong", choices=("truncate", "skip", "error"), default="truncate",
                    help="what to do with records longer than --max-length (always counted and reported)")
+    p.add_argument("--max-degenerate-pairs", type=float, default=0.05, metavar="FRACTION",
+                   help="DPO: refuse the data when more than this fraction of pairs have chosen == rejected "
+                        "(they are counted and reported either way)")
     p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (--backend deepspeed only)")
     p.add_argument("--optimizer", choices=tuple(METHODS), default=None,
@@ -296,6 +299,8 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_every", "save_every", "keep_checkpoints"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)
+    if not 0 <= args.max_degenerate_pairs <= 1:
+        raise ConfigError(f"--max-degenerate-pairs must be a fraction in [0, 1], got {args.max_degenerate_pairs}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
                           "--output-dir, --overwrite starts a new one; pass one of them")

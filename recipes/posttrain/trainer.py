@@ -71,7 +71,7 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
     args = cfg.args
     key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
-           args.max_length, args.overlong)
+           args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
         _DATASETS.clear()
         _DATASETS[key] = _load_datasets(cfg, tokenizer)
@@ -94,7 +94,7 @@ def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
         eval_source = f"{source} (held-out {args.eval_size})"
     if args.max_train_records:
         train_records = train_records[: args.max_train_records]
-    tok = data.Tokeniser(tokenizer, args.max_length, args.overlong)
+    tok = data.Tokeniser(tokenizer, args.max_length, args.overlong, args.max_degenerate_pairs)
     encode = tok.sft if args.task == "sft" else tok.dpo
     return Datasets(train=encode(train_records, source), eval=encode(eval_records, eval_source))
 
