@@ -106,11 +106,12 @@ class PMAOptimizer(torch.optim.Optimizer):
     an inf changes nothing (no parameter, moment or clock moves: the phase does not advance) and adds one
     to ``nonfinite_steps_skipped``. When ``torch.distributed`` runs more than one rank the verdict is
     agreed by all ranks (a 1-element MAX all-reduce on the default group, on the process group object so
-    the comm ledger does not bill it to the training): every rank skips the same steps and the PMA phase
-    stays in step across ranks, even on small steps, whose gradients are local. Cost per ``step()``: one
-    ``_foreach_norm`` over the gradients per (device, dtype), one device-to-host read of one flag, and with
-    several ranks that all-reduce; off by default. Every rank must call ``step()`` equally often, so it is
-    not for ZeRO-3, which steps once per sub-group.
+    the comm ledger does not bill it to the training): under ZeRO and FSDP each rank sees only its shard of
+    the gradient, and without the vote a NaN in one shard would move the phase of the other shards only.
+    Cost per ``step()``: one ``_foreach_norm`` over the gradients per (device, dtype), one device-to-host
+    read of one flag, and with several ranks that all-reduce; off by default. Every rank must call
+    ``step()`` equally often, so it is not for ZeRO-3, which steps once per sub-group; ZeRO-1/2 call it
+    once per param group, so there a skip is decided per param group.
 
     Tensors without a gradient in a step are left untouched (no update, no weight decay) while the group's
     clock advances: a tensor whose first gradient arrives mid-period starts from zero moments, exactly as if

@@ -1,5 +1,5 @@
-"""Worker: two ranks, AdamW-PMA with skip_nonfinite; only rank 1's local gradient is NaN at step 3 (a PMA small
-step, gradients not reduced): both ranks must skip it, so the phase and the parameters stay identical."""
+"""Worker: two ranks, AdamW-PMA with skip_nonfinite; only rank 1's gradient is NaN at step 3 (as when ZeRO or
+FSDP give each rank its own shard): both ranks must skip it, so the phase and the parameters stay identical."""
 import torch
 import torch.distributed as dist
 
