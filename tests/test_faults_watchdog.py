@@ -42,3 +42,51 @@ def test_a_stopped_rank_is_named_within_the_timeout():
     assert "not reached" not in proc.stdout
     # torchrun needs up to 30 s to SIGKILL the stopped rank after SIGTERM; the whole job stays bounded
     assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_the_training_job_names_a_stopped_rank_and_exits_non_zero(tmp_path):
+    """launch/train.py under the deepspeed launcher, --collective-timeout 10: SIGSTOP rank 1 mid-training."""
+    import os
+    import signal
+    import subprocess
+
+    from recipes.posttrain.metrics import read_metrics
+    from tests.launching import REPO, free_port, launcher_command, rank_env
+    from tests.test_train_faults import _rank_pid
+
+    out = tmp_path / "run"
+    args = ["--model", "builtin-fallback", "--period", "2", "--micro-batch-size", "2", "--max-length", "64",
+            "--eval-size", "8", "--eval-every", "0", "--log-every", "2", "--micro-steps", "100000",
+            "--collective-timeout", "10", "--output-dir", str(out), "--no-progress"]
+    cmd = launcher_command("deepspeed", 2, REPO / "launch" / "train.py", free_port()) + args
+    job = subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl", "train"):
+            assert job.poll() is None, job.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no training progress within the time limit"
+            time.sleep(0.2)
+        victim = _rank_pid(out, 1)
+        assert victim is not None
+        time.sleep(3)  # > one heartbeat interval (1.25 s) into the loop, so the last beat carries a micro-step
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        log, _ = job.communicate(timeout=120)
+        ended = time.monotonic() - stopped
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0
+    assert re.search(rf"pma_dist watchdog on rank 0: rank 1 \(host {re.escape(socket.gethostname())}, pid {victim}\) "
+                     rf"sent no heartbeat for [\d.]+ s, last at micro-step \d+: it is stopped or hung", log), log[-3000:]
+    # reported after half the timeout; the launcher then needs up to 30 s to SIGKILL the stopped rank
+    assert ended < 10 + 30 + 15
