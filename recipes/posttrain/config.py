@@ -118,18 +118,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class JobSettings:
+    """The job's own settings, typed, as the flags gave them (the optimizer's and DeepSpeed's are resolved into
+    :class:`TrainConfig`'s fields instead). Built by :func:`resolve`; a flag without a field here is an error
+    there, so the two cannot drift apart."""
+
+    task: str
+    backend: str
+    seed: int
+    micro_steps: int
+    eval_size: int
+    max_train_records: Optional[int]
+    max_length: int
+    overlong: str
+    max_degenerate_pairs: float
+    eval_every: int
+    eval_batch_size: int
+    save_every: int
+    keep_checkpoints: int
+    output_dir: str
+    resume: bool
+    overwrite: bool
+    collective_timeout: Optional[float]
+    trust_checkpoint: bool
+    trust_remote_code: bool
+    beta: float
+    log_update_variance: bool
+    variance_window: int
+    variance_every: Optional[int]
+    comm_profile: Optional[str]  # the --comm-profile flag (the parsed section is TrainConfig.comm_profile)
+    no_progress: bool
+
+    #: flags resolved into TrainConfig's fields (or the launcher's), not kept here
+    RESOLVED = ("model", "train_data", "eval_data", "deepspeed_config", "optimizer", "period", "lr", "betas", "eps",
+                "weight_decay", "micro_batch_size", "zero_stage", "gradient_clipping", "log_every", "nonfinite",
+                "local_rank")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "JobSettings":
+        names = {f for f in cls.__dataclass_fields__}
+        given = {k: v for k, v in vars(args).items() if k not in cls.RESOLVED}
+        unknown = sorted(set(given) - names)
+        if unknown:  # a programming error: a new flag must be given a field (or be listed as resolved)
+            raise TypeError(f"JobSettings has no field for flag(s) {unknown}")
+        return cls(**given)
+
+
 @dataclass
 class TrainConfig:
-    args: argparse.Namespace
+    settings: JobSettings
     optimizer: str
     period: int
     optimizer_params: dict
-    ds_config: dict
+    ds_config: Optional[dict]  # the DeepSpeed config: --backend deepspeed only (None for fsdp/ddp)
     model: str
     train_data: str
     eval_data: Optional[str]
     fallback: bool
     log_every: int
+    micro_batch_size: int = 4
+    gradient_clipping: float = 0.0
     comm_profile: Optional[CommProfile] = None
     nonfinite: str = "stop"  # "skip": the PMA optimizers' skip_nonfinite guard is on
 
@@ -146,18 +195,14 @@ class TrainConfig:
         return self.method.is_pma
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.ds_config["train_micro_batch_size_per_gpu"]
-
-    @property
     def checkpoint_format(self) -> str:
-        return "deepspeed" if self.args.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
+        return "deepspeed" if self.settings.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
 
     def identity(self) -> dict:
         """What a checkpoint must agree with to be resumed by this run: everything that changes the math
         (method and variant, K, betas, eps, DPO beta) or the data stream (data, its length policy, the
         micro batch, the seed). The settings of :meth:`reapplied` may change on resume instead."""
-        args = self.args
+        args = self.settings
         return {"checkpoint_format": self.checkpoint_format, "task": args.task,
                 "optimizer": self.optimizer, "period": self.period,
                 "micro_batch_size": self.micro_batch_size, "seed": args.seed, "model": self.model,
@@ -170,7 +215,7 @@ class TrainConfig:
         """Settings a resumed run takes from its own command line, not from the checkpoint (and logs if changed):
         lowering the learning rate or the clipping after a spike is what a resume is often for."""
         return {"lr": self.optimizer_params["lr"], "weight_decay": self.optimizer_params.get("weight_decay", 0.0),
-                "gradient_clipping": float(self.ds_config.get("gradient_clipping", 0.0))}
+                "gradient_clipping": self.gradient_clipping}
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -410,6 +455,10 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     if fallback and args.model is None and args.train_data is not None:
         raise ConfigError(f"--train-data {train_data} given but no model: pass --model (the fallback model has "
                           f"a character tokenizer meant only for the built-in synthetic task)")
-    return TrainConfig(args=args, optimizer=optimizer, period=period, optimizer_params=params, ds_config=ds,
+    # the backend-independent settings are typed fields; the DeepSpeed dict exists only for DeepSpeed
+    return TrainConfig(settings=JobSettings.from_namespace(args), optimizer=optimizer, period=period, optimizer_params=params,
+                       ds_config=ds if args.backend == "deepspeed" else None,
+                       micro_batch_size=int(ds["train_micro_batch_size_per_gpu"]),
+                       gradient_clipping=float(ds.get("gradient_clipping", 0.0)),
                        model=model, train_data=train_data, eval_data=args.eval_data, fallback=fallback,
                        log_every=log_every, comm_profile=comm_profile, nonfinite=nonfinite)

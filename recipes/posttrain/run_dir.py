@@ -31,7 +31,7 @@ def held_run(out: Path) -> List[str]:
 
 def check(cfg) -> None:
     """Every output location writable, and no other run in ``--output-dir`` unless told; before any work."""
-    args = cfg.args
+    args = cfg.settings
     try:
         out = check_writable_dir(args.output_dir, "--output-dir")
         profile = cfg.comm_profile

@@ -38,10 +38,10 @@ def _say(rank: int, message: str) -> None:
 def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.fallback:
         tokenizer = fallback.char_tokenizer()
-        return fallback.tiny_llama(len(tokenizer), cfg.args.seed), tokenizer
+        return fallback.tiny_llama(len(tokenizer), cfg.settings.seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trust = cfg.args.trust_remote_code
+    trust = cfg.settings.trust_remote_code
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=torch.float32)
@@ -69,7 +69,7 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    args = cfg.args
+    args = cfg.settings
     key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
            args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
@@ -79,7 +79,7 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 
 
 def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    args = cfg.args
+    args = cfg.settings
     if cfg.train_data == FALLBACK:
         records = fallback.synthetic_records(args.task, 4096 + args.eval_size, seed=1234)
         source = "built-in synthetic fallback task"
@@ -200,23 +200,23 @@ def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
 def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int, device) -> dict:
     engine.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
-    width = 2 if cfg.args.task == "sft" else 4
+    width = 2 if cfg.settings.task == "sft" else 4
     sums = torch.zeros(width, dtype=torch.float64)
-    batches = list(data.eval_batches(examples, cfg.args.eval_batch_size, rank, world))
+    batches = list(data.eval_batches(examples, cfg.settings.eval_batch_size, rank, world))
     # FSDP2 and ZeRO-3 all-gather parameters in every forward, so every rank must run as many
     # forwards as rank 0 (which has the most): the extra ones are discarded
-    most = len(list(data.eval_batches(examples, cfg.args.eval_batch_size, 0, world)))
+    most = len(list(data.eval_batches(examples, cfg.settings.eval_batch_size, 0, world)))
     for index in range(most):
         chunk = batches[index] if index < len(batches) else list(examples[:1])
         # the bare module, not engine(): evaluation is not a training micro-step (the comm ledger
         # and DeepSpeed's own counters start one per engine forward); ZeRO-3's and FSDP2's gather
         # hooks live on the module, so this works for every backend
-        result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+        result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.settings.task, pad), device)).cpu()
         if index < len(batches):
             sums += result
     sums = _all_reduce_sum(sums, device)
     engine.train()
-    if cfg.args.task == "sft":
+    if cfg.settings.task == "sft":
         return {"eval_loss": (sums[0] / sums[1]).item(), "eval_tokens": int(sums[1])}
     return {"eval_loss": (sums[0] / sums[1]).item(), "eval_accuracy": (sums[2] / sums[1]).item(),
             "eval_reward_accuracy": (sums[3] / sums[1]).item(), "eval_pairs": int(sums[1])}
@@ -256,7 +256,7 @@ class Job:
 
     @property
     def common(self) -> dict:
-        args = self.cfg.args
+        args = self.cfg.settings
         return dict(task=args.task, optimizer=self.cfg.optimizer, period=self.cfg.period, fallback=self.cfg.fallback,
                     backend=args.backend)
 
@@ -287,7 +287,7 @@ class Job:
         dist.barrier()
         if self.rank == 0:
             checkpoints.write_manifest(self.ckpt_dir / tag, state)
-            checkpoints.publish(self.ckpt_dir, tag, self.cfg.args.keep_checkpoints, self.lineage)
+            checkpoints.publish(self.ckpt_dir, tag, self.cfg.settings.keep_checkpoints, self.lineage)
         dist.barrier()
 
 
@@ -306,7 +306,7 @@ def _join_process_group(backend: str, timeout_s: Optional[float]) -> None:
 
 def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
     """(tag, manifest state) of the checkpoint to resume, verified against this run; (None, {}) to start anew."""
-    if not cfg.args.resume:
+    if not cfg.settings.resume:
         return None, {}
     tag = checkpoints.latest_tag(ckpt_dir) if ckpt_dir.exists() else None
     if tag is None:
@@ -346,7 +346,7 @@ def prepare(cfg: TrainConfig) -> Job:
     """Everything before the first training step; every problem with the inputs is raised here."""
     from deepspeed.accelerator import get_accelerator
 
-    args = cfg.args
+    args = cfg.settings
     run_dir.check(cfg)  # outputs writable, no other run in --output-dir: before any process group or model
     try:
         distributed.collective_timeout(args.collective_timeout)
@@ -409,7 +409,7 @@ def prepare(cfg: TrainConfig) -> Job:
 
 def train_loop(job: Job) -> Optional[dict]:
     """Micro-steps ``job.start .. --micro-steps``: train, log, evaluate and save on schedule; the last eval."""
-    cfg, args, engine = job.cfg, job.cfg.args, job.engine
+    cfg, args, engine = job.cfg, job.cfg.settings, job.engine
     last_eval = job.evaluate(job.start) if job.start == 0 else None
     progress = None
     if job.rank == 0 and not args.no_progress:
@@ -464,7 +464,7 @@ def train_loop(job: Job) -> Optional[dict]:
 
 def finish(job: Job, last_eval: Optional[dict]) -> dict:
     """The final evaluation if the loop ran none, ``summary.json`` (rank 0), and the backend released."""
-    cfg, args = job.cfg, job.cfg.args
+    cfg, args = job.cfg, job.cfg.settings
     if last_eval is None:
         last_eval = job.evaluate(args.micro_steps)
     summary = dict(job.common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(job.engine.optimizer),
@@ -492,7 +492,7 @@ def ran_with(job: Job) -> dict:
 
 def build_backend(cfg: TrainConfig, model):
     """The model wrapped for ``--backend``, with its optimizer (see :mod:`recipes.posttrain.backends`)."""
-    if cfg.args.backend != "deepspeed":
+    if cfg.settings.backend != "deepspeed":
         return build_torch_backend(cfg, model)
     import deepspeed
 
@@ -500,4 +500,4 @@ def build_backend(cfg: TrainConfig, model):
     ds_config = deepspeed_config(cfg, client is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
-    return DeepSpeedBackend(engine, trust_checkpoint=cfg.args.trust_checkpoint)
+    return DeepSpeedBackend(engine, trust_checkpoint=cfg.settings.trust_checkpoint)
