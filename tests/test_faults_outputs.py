@@ -33,7 +33,7 @@ def test_open_ledger_refuses_an_unwritable_comm_profile_dir_before_the_run():
 
 @pytest.mark.parametrize("argv, message", [
     (["project", "--period", "100000"], "--period 100000 is out of range: the PMA period K must be in 1..4096"),
-    (["project", "--period", "0"], "--period 0 is out of range"),
+    (["project", "--period", "0"], "period must be a positive int, got 0"),
     (["report", "RUN", "--period", "5000"], "--period 5000 is out of range"),
     (["project", "--output", "{tmp}"], "--output {tmp} is a directory: give a file name"),
     (["bandwidth", "--output", "/proc/x/bw.json"], "--output /proc/x/bw.json cannot be written"),

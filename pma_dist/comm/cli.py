@@ -28,7 +28,8 @@ MAX_PERIOD = 4096
 
 
 def _check_period(value: Optional[int]) -> None:
-    if value is not None and not 1 <= value <= MAX_PERIOD:
+    """The upper bound (a K below 1 is refused by the projection itself, naming the value)."""
+    if value is not None and value > MAX_PERIOD:
         raise CliError(f"--period {value} is out of range: the PMA period K must be in 1..{MAX_PERIOD}")
 
 
