@@ -258,6 +258,8 @@ class PMAOptimizer(torch.optim.Optimizer):
                                  f"it comes from another optimizer (e.g. torch.optim.AdamW or the other PMA class): "
                                  f"load it into the optimizer that saved it")
         wanted = set(self.moment_names)
+        if not wanted:  # a subclass with its own state layout (AdaPM) checks that itself
+            return
         for key, saved in state_dict["state"].items():
             moments = {k for k in saved if k in _PMA_MOMENT_KEYS}
             if moments != wanted:
