@@ -141,7 +141,8 @@ def train_argv(args, out: Path, task, method, period, lr, seed):
             "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
             "--max-length", str(args.max_length), "--log-update-variance", "--variance-window", "4",
             *(["--variance-every", str(args.variance_every)] if args.variance_every else []),
-            "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--no-progress"]
+            # a run without summary.json crashed earlier: it restarts (its files are set aside, not deleted)
+            "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--overwrite", "--no-progress"]
 
 
 def lr_grid(args, task, method):

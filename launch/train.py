@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def main(argv=None) -> int:
     from pma_dist import distributed
-    from recipes.posttrain import checkpoints, config, data
+    from recipes.posttrain import checkpoints, config, data, metrics
 
     distributed.setup_env_from_mpi()
     try:
@@ -31,7 +31,8 @@ def main(argv=None) -> int:
 
     try:
         trainer.run(cfg)
-    except (config.ConfigError, data.DataError, checkpoints.CheckpointError, FloatingPointError) as exc:
+    except (config.ConfigError, data.DataError, checkpoints.CheckpointError, metrics.MetricsError,
+            FloatingPointError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,11 @@ only to a DeepSpeed built-in or a ``torch.optim`` attribute, ZeRO refuses optimi
 list of tested ones, and ZeRO-Offload refuses client optimizers. This module teaches the engine
 class about a small registry instead of asking users to add config keys. When ``deepspeed`` is
 imported (now, or later through an import hook, so ``import pma_dist`` stays cheap), it wraps
-three ``DeepSpeedEngine`` methods:
+four ``DeepSpeedEngine`` methods:
 
 - ``_is_supported_optimizer``: registered names (case-insensitive) pass the sanity check;
+- ``_do_sanity_check``: an unknown ``optimizer.type`` is an error naming the registered types (DeepSpeed's
+  own is a bare assertion);
 - ``_configure_basic_optimizer``: a registered name is built from ``optimizer.params``, and a key
   the optimizer does not take is an error naming the key;
 - ``_configure_optimizer``: for a PMA optimizer (from the config, a client instance, or a client
@@ -35,7 +37,7 @@ import torch
 
 from .optim import AdamWPMA, LionPMA, PMAOptimizer
 
-__all__ = ["register_optimizer", "registered_optimizers", "initialize", "build_optimizer",
+__all__ = ["register_optimizer", "registered_optimizers", "initialize", "build_optimizer", "check_optimizer_params",
            "check_gradient_accumulation", "install", "TESTED_DEEPSPEED_VERSIONS"]
 
 logger = logging.getLogger(__name__)
@@ -101,12 +103,22 @@ def _accepted_keys(cls: type) -> Optional[list]:
     return keys
 
 
-def build_optimizer(name: str, params: Optional[dict], model_parameters) -> torch.optim.Optimizer:
-    """Build the registered optimizer ``name`` from a config's ``optimizer.params``."""
+def _registered_names() -> str:
+    return ", ".join(n for n, _ in _REGISTRY.values())
+
+
+def build_optimizer(name: str, params: Optional[dict], model_parameters, *,
+                    source: str = "DeepSpeed config") -> torch.optim.Optimizer:
+    """Build the registered optimizer ``name`` from a config's ``optimizer.params``.
+
+    The one validation of an ``optimizer`` block of a registered type: its keys against the constructor's,
+    its values by the constructor's own checks (so ``period`` 0, 2.5, ``true`` or ``"8"`` is refused here
+    exactly as ``AdamWPMA(period=...)`` refuses it). ``source`` (a file name) leads the error message.
+    :func:`check_optimizer_params` runs the same checks before any model exists."""
     entry = _lookup(name)
     if entry is None:
-        raise ValueError(f"optimizer type {name!r} is not registered with pma_dist "
-                         f"(registered: {', '.join(n for n, _ in _REGISTRY.values())})")
+        raise ValueError(f"{source}: optimizer type {name!r} is not registered with pma_dist "
+                         f"(registered: {_registered_names()})")
     registered_name, cls = entry
     params = dict(params or {})
     accepted = _accepted_keys(cls)
@@ -114,13 +126,19 @@ def build_optimizer(name: str, params: Optional[dict], model_parameters) -> torc
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise ValueError(
-                f"DeepSpeed config optimizer {registered_name!r}: unknown key(s) {', '.join(map(repr, unknown))} "
+                f"{source}: optimizer {registered_name!r}: unknown key(s) {', '.join(map(repr, unknown))} "
                 f"in optimizer.params; valid keys are {', '.join(accepted)}")
     try:
         return cls(model_parameters, **params)
     except (TypeError, ValueError) as error:
-        raise type(error)(f"DeepSpeed config optimizer {registered_name!r}, optimizer.params={params}: {error}") \
-            from error
+        raise type(error)(f"{source}: optimizer {registered_name!r}, optimizer.params={params}: {error}") from None
+
+
+def check_optimizer_params(name: str, params: Optional[dict], *, source: str = "DeepSpeed config") -> type:
+    """Validate a registered type's ``optimizer.params`` as :func:`build_optimizer` would, on a one-element
+    stand-in parameter (no model needed); returns the class."""
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    return type(build_optimizer(name, params, [stand_in], source=source))
 
 
 def _is_pma(optimizer) -> bool:
@@ -213,10 +231,20 @@ def _patch_engine(engine_cls) -> None:
     is_supported = engine_cls._is_supported_optimizer
     configure_basic = engine_cls._configure_basic_optimizer
     configure = engine_cls._configure_optimizer
+    sanity_check = engine_cls._do_sanity_check
 
     @functools.wraps(is_supported)
     def _is_supported_optimizer(self, optimizer_name):
         return _lookup(optimizer_name) is not None or is_supported(self, optimizer_name)
+
+    @functools.wraps(sanity_check)
+    def _do_sanity_check(self):
+        name = None if self.client_optimizer else self.optimizer_name()
+        if name is not None and not self._is_supported_optimizer(name):
+            # DeepSpeed's own answer is a bare assertion; name what would have been accepted
+            raise ValueError(f"DeepSpeed config optimizer type {name!r} is not a DeepSpeed optimizer, a torch.optim "
+                             f"class or one registered with pma_dist (registered: {_registered_names()})")
+        return sanity_check(self)
 
     @functools.wraps(configure_basic)
     def _configure_basic_optimizer(self, model_parameters):
@@ -247,6 +275,7 @@ def _patch_engine(engine_cls) -> None:
         _one_logical_step_per_call(self.optimizer, self.basic_optimizer)
 
     engine_cls._is_supported_optimizer = _is_supported_optimizer
+    engine_cls._do_sanity_check = _do_sanity_check
     engine_cls._configure_basic_optimizer = _configure_basic_optimizer
     engine_cls._configure_optimizer = _configure_optimizer
     engine_cls._pma_dist_patched = True

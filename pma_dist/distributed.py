@@ -7,6 +7,9 @@ The same script runs under ``deepspeed --num_gpus N``, ``torchrun`` and ``mpirun
 - mpirun exports only its own variables; :func:`setup_env_from_mpi` translates them (through
   mpi4py when it is installed) *before* DeepSpeed or torch look, so ``MASTER_PORT`` from the
   environment is honoured (DeepSpeed's own MPI discovery always picks port 29500).
+- Every process group gets a collective timeout (:func:`collective_timeout`: ``$PMA_DIST_COLLECTIVE_TIMEOUT``
+  seconds, default 600 instead of torch's 30 minutes), and :func:`start_watchdog` names a rank that stopped
+  (SIGSTOP, a frozen host) within that timeout and ends the job (see :class:`Watchdog`).
 - Gloo ranks can abort at interpreter exit ("terminate called without an active exception") when
   the process group is torn down by garbage collection; :func:`shutdown` ends in a fixed order.
 
@@ -14,9 +17,13 @@ Nothing here imports DeepSpeed at module import time, so FSDP scripts can use it
 """
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import socket
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -31,6 +38,9 @@ __all__ = [
     "pop_local_rank_arg",
     "default_backend",
     "init_distributed",
+    "collective_timeout",
+    "start_watchdog",
+    "Watchdog",
     "configure_accelerate_for_deepspeed",
     "shutdown",
 ]
@@ -42,6 +52,12 @@ _MPI_ENV = (
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 )
 DEFAULT_MASTER_PORT = 29500
+TIMEOUT_ENV = "PMA_DIST_COLLECTIVE_TIMEOUT"
+# Long enough for any wait a healthy job has (rank 0 hashing a checkpoint while the others wait at a
+# barrier, a first JIT build), short enough that a hang costs minutes, not torch's default 30 minutes.
+# The same on CPU (gloo) and GPU (NCCL): it bounds waiting for a peer, not the speed of the link.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+HUNG_PEER_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)
@@ -173,8 +189,26 @@ def default_backend() -> Optional[str]:
     return get_accelerator().communication_backend_name()
 
 
-def init_distributed(backend: Optional[str] = None) -> RankInfo:
-    """Start torch.distributed from whichever launcher ran us (no-op if already started)."""
+def collective_timeout(seconds: Optional[float] = None) -> datetime.timedelta:
+    """The collective timeout: ``seconds``, else ``$PMA_DIST_COLLECTIVE_TIMEOUT``, else 600 s."""
+    source = "collective timeout"
+    if seconds is None:
+        raw = os.environ.get(TIMEOUT_ENV)
+        if raw in (None, ""):
+            return datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+        source = f"environment variable {TIMEOUT_ENV}"
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ValueError(f"{source}={raw!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError(f"{source} must be > 0 seconds, got {seconds!r}")
+    return datetime.timedelta(seconds=float(seconds))
+
+
+def init_distributed(backend: Optional[str] = None, timeout: Optional[float] = None) -> RankInfo:
+    """Start torch.distributed from whichever launcher ran us (no-op if already started), with
+    :func:`collective_timeout` (``timeout`` seconds, else the environment's or the default)."""
     info = rank_info()
     missing = [name for name in _TORCH_ENV if name not in os.environ]
     if info.world_size > 1 and missing:
@@ -186,8 +220,116 @@ def init_distributed(backend: Optional[str] = None) -> RankInfo:
             os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend=backend or default_backend(), rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend=backend or default_backend(), rank=info.rank, world_size=info.world_size,
+                                timeout=collective_timeout(timeout))
     return info
+
+
+class Watchdog:
+    """Every rank's heartbeat through the rendezvous store; a rank whose heartbeat stops is named and the job ends.
+
+    A daemon thread on each rank writes ``(beat, host, pid, progress)`` under its rank every ``interval``
+    seconds and reads every other rank's. A peer whose beat has not changed for ``stale_after`` seconds
+    (half the collective timeout, measured on this rank's clock, so clocks of other hosts do not matter)
+    is reported as ``rank R (host H, pid P)`` with its last progress, and this rank exits with
+    :data:`HUNG_PEER_EXIT_CODE`; the launcher then stops the rest. A heartbeat thread keeps beating while
+    its rank computes, saves or waits in a collective, so it catches stopped or frozen processes and lost
+    hosts; a rank alive but deadlocked is caught by the collective timeout itself. If the store (hosted by
+    rank 0 under the deepspeed launcher and mpirun, by the agent under torchrun) stops answering, that is
+    reported the same way. Cost: one small store write and ``world - 1`` reads per interval, off the
+    training thread.
+    """
+
+    def __init__(self, timeout_s: float, rank: int, world_size: int, store=None, interval: Optional[float] = None):
+        self.stale_after = timeout_s / 2
+        self.interval = interval or min(5.0, self.stale_after / 4)
+        self.rank, self.world_size = rank, world_size
+        self.progress: object = None  # what the job was doing, shown when a peer reports this rank
+        self._store = store if store is not None else self._connect(self.stale_after)
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pma_dist-watchdog", daemon=True)
+
+    @staticmethod
+    def _connect(timeout_s: float):
+        address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+        return dist.PrefixStore("pma_dist_watchdog", store)
+
+    def start(self) -> "Watchdog":
+        self._send()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """This rank is leaving on purpose: peers stop watching it."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self._send(done=True)
+        except Exception:  # the store may already be gone at exit; peers then see the job ending anyway
+            pass
+
+    def _send(self, done: bool = False) -> None:
+        self._beat += 1
+        self._store.set(f"rank{self.rank}", json.dumps({"beat": self._beat, "host": socket.gethostname(),
+                                                        "pid": os.getpid(), "progress": self.progress,
+                                                        "done": done}))
+
+    def _run(self) -> None:
+        seen = {}  # rank -> (last beat record, this rank's monotonic time when it last changed)
+        began = time.monotonic()
+        while not self._stop.wait(self.interval):
+            try:
+                self._send()
+                now = time.monotonic()
+                for peer in range(self.world_size):
+                    if peer == self.rank:
+                        continue
+                    key = f"rank{peer}"
+                    record = json.loads(self._store.get(key)) if self._store.check([key]) else None
+                    last, changed = seen.get(peer, (None, began))
+                    if record is not None and record["done"]:
+                        continue
+                    if record != last:
+                        seen[peer] = (record, now)
+                    elif now - changed > self.stale_after:
+                        self._end(self._describe(peer, record, now - changed))
+            except Exception as exc:  # the store itself stopped answering (or broke): as fatal as a hung peer
+                if self._stop.is_set():
+                    return
+                address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                self._end(f"the rendezvous store at {address} did not answer within {self.stale_after:.0f} s "
+                          f"({type(exc).__name__}); under the deepspeed launcher and mpirun it lives in rank 0, "
+                          f"so rank 0 is likely stopped or hung")
+
+    def _describe(self, peer: int, record: Optional[dict], silent: float) -> str:
+        if record is None:
+            return f"rank {peer} sent no heartbeat in {silent:.1f} s since this rank's watchdog started"
+        progress = f", last at {record['progress']}" if record.get("progress") is not None else ""
+        return (f"rank {peer} (host {record['host']}, pid {record['pid']}) sent no heartbeat for {silent:.1f} s"
+                f"{progress}: it is stopped or hung")
+
+    def _end(self, reason: str) -> None:
+        print(f"pma_dist watchdog on rank {self.rank}: {reason}; ending the job with exit code {HUNG_PEER_EXIT_CODE} "
+              f"(a peer silent for half the collective timeout of {2 * self.stale_after:g} s is reported)",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(HUNG_PEER_EXIT_CODE)
+
+
+_WATCHDOG: Optional[Watchdog] = None
+
+
+def start_watchdog(timeout: Optional[float] = None) -> Optional[Watchdog]:
+    """Start this process's :class:`Watchdog` once (a no-op for one rank, or if one runs); returns it."""
+    global _WATCHDOG
+    if _WATCHDOG is None and dist.is_initialized() and dist.get_world_size() > 1:
+        seconds = collective_timeout(timeout).total_seconds()
+        _WATCHDOG = Watchdog(seconds, dist.get_rank(), dist.get_world_size()).start()
+    return _WATCHDOG
 
 
 def configure_accelerate_for_deepspeed(backend: Optional[str] = None):
@@ -219,6 +361,8 @@ def shutdown(code: int = 0) -> None:
     Never returns. Output is flushed first because ``os._exit`` skips interpreter clean-up.
     """
     try:
+        if _WATCHDOG is not None:
+            _WATCHDOG.stop()  # peers leave at different moments: a finished rank is not a hung one
         ledger = sys.modules.get("pma_dist.comm.ledger")
         if ledger is not None:  # os._exit skips atexit: write the last partial period of any open ledger
             ledger.close_all()

@@ -103,11 +103,38 @@ def _check_variant(variant) -> None:
         raise ValueError(f"Invalid variant: {variant!r} (expected one of {', '.join(map(repr, VARIANTS))})")
 
 
+_PMA_HYPER_KEYS = {"lr", "betas", "eps", "weight_decay", "period", "variant"}  # AdamWPMA's and LionPMA's together
+_PMA_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}
+
+
 class PMAOptimizer(torch.optim.Optimizer):
-    """Shared machinery of the PMA optimizers: validation, the per-group clock, state, dispatch."""
+    """Shared machinery of the PMA optimizers: validation, the per-group clock, state, dispatch.
+
+    Non-finite guard: with ``optimizer.skip_nonfinite = True`` a ``step()`` whose gradients hold a NaN or
+    an inf changes nothing (no parameter, moment or clock moves: the phase does not advance) and adds one
+    to ``nonfinite_steps_skipped``. When ``torch.distributed`` runs more than one rank the verdict is
+    agreed by all ranks (a 1-element MAX all-reduce on the default group, on the process group object so
+    the comm ledger does not bill it to the training): under ZeRO and FSDP each rank sees only its shard of
+    the gradient, and without the vote a NaN in one shard would move the phase of the other shards only.
+    Cost per ``step()``: one ``_foreach_norm`` over the gradients per (device, dtype), one device-to-host
+    read of one flag, and with several ranks that all-reduce; off by default. Every rank must call
+    ``step()`` equally often, so it is not for ZeRO-3, which steps once per sub-group; ZeRO-1/2 call it
+    once per param group, so there a skip is decided per param group.
+
+    Tensors without a gradient in a step are left untouched (no update, no weight decay) while the group's
+    clock advances: a tensor whose first gradient arrives mid-period starts from zero moments, exactly as if
+    it had received zero gradients since the period began (bit for bit with weight decay 0), so that first
+    running mean is diluted by the micro-steps it missed; a tensor without a gradient at the large step keeps
+    the period's running mean, which the next period then treats as its folded moment (that period's
+    decay by ``beta`` is skipped). ``zero_grad(set_to_none=False)`` gives unused tensors zero gradients
+    instead, and with them the regular fold. A ``step()`` in which no tensor of a group has a gradient does not
+    advance that group's clock.
+    """
 
     #: names of the moment buffers in ``self.state[p]``, in the order the update functions take them
     moment_names: Tuple[str, ...] = ()
+    skip_nonfinite: bool = False
+    nonfinite_steps_skipped: int = 0
 
     def __init__(self, params, defaults: dict, foreach: Optional[bool], fused: Optional[bool] = None):
         defaults = dict(defaults, foreach=foreach, fused=fused)
@@ -218,11 +245,50 @@ class PMAOptimizer(torch.optim.Optimizer):
         self._clock_reconciled = True
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, refusing state of another optimizer at load time.
+
+        The saved param groups must carry every hyper-parameter of this class (``period``, and for AdamWPMA
+        ``eps`` and ``variant``) and none that marks another PMA optimizer; each saved tensor state must hold
+        exactly this class's moments (``exp_avg``; AdamWPMA also ``exp_avg_sq``). A ``ValueError`` names what
+        differs. A saved period or variant that differs from the constructor's replaces it (the state was
+        built for it), with a warning naming both."""
+        self._check_loadable(state_dict)
+        before = [{key: group.get(key) for key in ("period", "variant")} for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for index, (group, old) in enumerate(zip(self.param_groups, before)):
             group.setdefault("step", 0)
             group.setdefault("fused", None)
+            changed = [f"{key} {old[key]!r} -> {group.get(key)!r}" for key in old
+                       if key in self.defaults and group.get(key) != old[key]]
+            if changed:
+                warnings.warn(f"{type(self).__name__}.load_state_dict: param group {index} takes {', '.join(changed)} "
+                              f"from the loaded state (constructor's value replaced)", RuntimeWarning, stacklevel=2)
         self._reconcile_clock()
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups', got "
+                             f"{type(state_dict).__name__} with keys {sorted(state_dict)[:8] if isinstance(state_dict, dict) else '-'}")
+        hyper = set(self.defaults) - {"foreach", "fused"}
+        foreign_markers = _PMA_HYPER_KEYS - hyper  # keys only another PMA optimizer's groups have
+        for index, group in enumerate(state_dict["param_groups"]):
+            missing = sorted(hyper - set(group))
+            foreign = sorted(foreign_markers & set(group))
+            if missing or foreign:
+                what = (f"missing {', '.join(missing)}" if missing else "") + \
+                       ("; " if missing and foreign else "") + (f"has {', '.join(foreign)}" if foreign else "")
+                raise ValueError(f"{name}.load_state_dict: saved param group {index} is not {name}'s ({what}); "
+                                 f"it comes from another optimizer (e.g. torch.optim.AdamW or the other PMA class): "
+                                 f"load it into the optimizer that saved it")
+        wanted = set(self.moment_names)
+        if not wanted:  # a subclass with its own state layout (AdaPM) checks that itself
+            return
+        for key, saved in state_dict["state"].items():
+            moments = {k for k in saved if k in _PMA_MOMENT_KEYS}
+            if moments != wanted:
+                raise ValueError(f"{name}.load_state_dict: saved state of parameter {key} holds moments "
+                                 f"{sorted(moments)}, {name} keeps {sorted(wanted)}: it comes from another optimizer")
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p: Tensor, step: int) -> dict:
@@ -260,6 +326,9 @@ class PMAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if not self._clock_reconciled:
             self._reconcile_clock()
+        if self.skip_nonfinite and not self._setup_depth and not self._gradients_finite():
+            self.nonfinite_steps_skipped += 1
+            return loss
 
         for group in self.param_groups:
             t = self._next_step(group)
@@ -286,6 +355,28 @@ class PMAOptimizer(torch.optim.Optimizer):
             group["step"] = t
         return loss
 
+    def _gradients_finite(self) -> bool:
+        """True when every gradient is finite, on every rank (see the class docstring for the cost)."""
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or g.is_sparse:  # sparse gradients are refused by the step itself
+                    continue
+                if DTensor is not None and isinstance(g, DTensor):
+                    g = g.to_local()
+                buckets.setdefault((g.device, g.dtype), []).append(g)
+        # the max-norm keeps NaN and inf: a bucket is finite iff the max of its max-norms is
+        device = next(iter(buckets))[0] if buckets else None
+        flag = torch.zeros(1, device=device)
+        for grads in buckets.values():
+            worst = torch.stack(torch._foreach_norm(grads, float("inf"))).max().float().reshape(1)
+            flag = torch.maximum(flag, (~torch.isfinite(worst)).float().to(flag.device))
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            flag = _agree_max(flag)
+        return not bool(flag.item())
+
     def _update_tensor(self, p: Tensor, g: Tensor, moments: List[Tensor], phase: PMAPhase, group: dict) -> None:
         raise NotImplementedError
 
@@ -297,6 +388,22 @@ class PMAOptimizer(torch.optim.Optimizer):
 
     def _update_compiled(self, ps, gs, moments: List[List[Tensor]], phase: PMAPhase, group: dict) -> None:
         raise NotImplementedError
+
+
+def _agree_max(flag: Tensor) -> Tensor:
+    """MAX of a 1-element flag over the default group, through the process-group object (unbilled)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    group = c10d._get_default_group()
+    if flag.device.type == "cpu" and torch.distributed.get_backend(group) != "gloo":
+        # a rank without gradients still votes, on the device its backend reduces on (NCCL: the accelerator)
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is not None:
+            flag = flag.to(torch.device(accelerator.type, torch.accelerator.current_device_index()))
+    opts = torch.distributed.AllreduceOptions()
+    opts.reduceOp = torch.distributed.ReduceOp.MAX
+    group.allreduce([flag], opts).wait()
+    return flag
 
 
 def _local_shards(params: List[Tensor], grads: List[Tensor], moments: List[List[Tensor]]):

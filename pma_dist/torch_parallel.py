@@ -63,11 +63,12 @@ def _accelerator():
     return get_accelerator()
 
 
-def init_process_group() -> None:
-    """Join the job started by torchrun/deepspeed/mpirun with the accelerator's backend (NCCL, gloo, ...)."""
+def init_process_group(timeout: Optional[float] = None) -> None:
+    """Join the job started by torchrun/deepspeed/mpirun with the accelerator's backend (NCCL, gloo, ...);
+    ``timeout``: the collective timeout in seconds (default: :func:`pma_dist.distributed.collective_timeout`)."""
     from .distributed import init_distributed
 
-    info = init_distributed()
+    info = init_distributed(timeout=timeout)
     _accelerator().set_device(info.local_rank)
 
 

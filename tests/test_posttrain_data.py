@@ -134,7 +134,7 @@ def _fake_checkpoint(tmp_path):
     tag.mkdir()
     torch.save({"w": torch.arange(4.0)}, tag / "mp_rank_00_model_states.pt")
     checkpoints.write_manifest(tag, {"micro_step": 8})
-    checkpoints.publish(tmp_path, tag.name, keep=2)
+    checkpoints.publish(tmp_path, tag.name, keep=2, lineage="run-a")
     return tag
 
 

@@ -123,3 +123,19 @@ def test_cli_exits_2_with_the_message_before_any_work():
                           env=rank_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.py: error: --period must be >= 1, got 0" in proc.stderr
+
+
+def test_job_settings_are_typed_fields_for_every_flag():
+    from dataclasses import fields
+
+    from recipes.posttrain.config import JobSettings, build_parser
+
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    kept = {f.name for f in fields(JobSettings)}
+    assert dests == kept | set(JobSettings.RESOLVED) and not kept & set(JobSettings.RESOLVED)
+    cfg = resolve(["--model", FALLBACK, "--micro-steps", "12", "--seed", "3"])
+    assert isinstance(cfg.settings, JobSettings) and (cfg.settings.micro_steps, cfg.settings.seed) == (12, 3)
+    with pytest.raises(Exception):
+        cfg.settings.seed = 4  # frozen: the job cannot change its settings behind the checkpoint identity
+    # typed, backend-independent fields; the DeepSpeed dict is DeepSpeed's alone
+    assert (cfg.micro_batch_size, cfg.gradient_clipping) == (4, 0.0) and cfg.ds_config is not None

@@ -90,3 +90,4 @@ def test_sigkill_one_rank_then_resume_loses_at_most_one_interval(tmp_path):
                       launcher="deepspeed", timeout=420, check=False)
     assert third.returncode != 0
     assert f"train.py: error: checkpoint file corrupted: {victim_file}" in third.stdout + third.stderr
+    assert "; the older checkpoint " in third.stdout + third.stderr  # the way back is named

@@ -121,5 +121,6 @@ def test_deepspeed_only_flags_are_refused_for_torch_backends(argv, message):
 def test_torch_backend_config_keeps_k_and_marks_dcp_checkpoints():
     cfg = resolve(["--backend", "ddp", "--optimizer", "adamw_ga", "--period", "4", "--micro-steps", "8",
                    "--gradient-clipping", "0.5", "--model", "builtin-fallback"])
-    assert (cfg.period, cfg.ds_config["gradient_clipping"], cfg.identity()["checkpoint_format"]) == (4, 0.5, "dcp")
+    assert (cfg.period, cfg.gradient_clipping, cfg.identity()["checkpoint_format"]) == (4, 0.5, "dcp")
+    assert cfg.ds_config is None  # no DeepSpeed dict doubles as the config of an FSDP/DDP run
     assert resolve(["--model", "builtin-fallback"]).identity()["checkpoint_format"] == "deepspeed"

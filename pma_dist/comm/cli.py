@@ -22,6 +22,27 @@ class CliError(Exception):
     """A bad argument or input: printed as ``pma-dist: error: ...`` with exit status 2."""
 
 
+# The projection prices every micro-step of a period (about 4 ms each here, so K = 4096 takes ~20 s on
+# top of the imports); the papers use K <= 64. A larger K is almost surely a typo, not a plan.
+MAX_PERIOD = 4096
+
+
+def _check_period(value: Optional[int]) -> None:
+    """The upper bound (a K below 1 is refused by the projection itself, naming the value)."""
+    if value is not None and value > MAX_PERIOD:
+        raise CliError(f"--period {value} is out of range: the PMA period K must be in 1..{MAX_PERIOD}")
+
+
+def _check_outputs(args) -> None:
+    """Every output location of the command, writable before any work (a measurement takes minutes)."""
+    from ..output_paths import check_writable_dir, check_writable_file
+
+    if args.command == "report" and args.output:
+        check_writable_dir(args.output, "--output")
+    elif args.command in ("bandwidth", "project") and args.output:
+        check_writable_file(args.output, "--output")
+
+
 def _report(args) -> int:
     from .report import write_run_report
 
@@ -159,6 +180,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("report", "project"):
+            _check_period(args.period)
+        if args.command != "topologies":
+            _check_outputs(args)
         if args.command == "report":
             return _report(args)
         if args.command == "bandwidth":

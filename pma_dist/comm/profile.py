@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..output_paths import check_writable_dir
 from ..schedule import MicroStepSchedule
 from .ledger import CommLedger
 
@@ -114,7 +115,12 @@ class RunMeta:
 
 
 def open_ledger(profile: CommProfile, meta: RunMeta) -> CommLedger:
-    """A ledger for this run, installed; closing it writes the files and (unless ``report`` is off) the report."""
+    """A ledger for this run, installed; closing it writes the files and (unless ``report`` is off) the report.
+
+    ``output_dir`` is created and proven writable here, when the engine or trainer is built, so a bad path
+    stops the run before its first step instead of at the first write (the end of a period, or the end
+    of the training)."""
+    check_writable_dir(profile.output_dir, "comm_profile.output_dir")
     ledger = CommLedger(profile.output_dir, meta.to_json(), keep_calls=profile.keep_calls,
                         write_every=profile.write_every)
     if profile.report:

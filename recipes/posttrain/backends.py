@@ -10,9 +10,10 @@ the communication ledger. Nothing about those is re-decided here.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -117,13 +118,18 @@ class TorchBackend:
         gc.collect()
 
 
+def _comm_section(profile) -> Optional[dict]:
+    """The ``comm_profile`` section :func:`pma_dist.torch_parallel.setup` takes, from the parsed profile."""
+    return None if profile is None else dict(dataclasses.asdict(profile), enabled=True)
+
+
 def build_torch_backend(cfg, model) -> TorchBackend:
     """Wrap ``model`` with FSDP2 or DDP and build the optimizer named by ``cfg`` (process group must exist)."""
     from pma_dist.torch_parallel import setup
 
     kwargs = dict(cfg.optimizer_params)
     kwargs["betas"] = tuple(kwargs["betas"])
-    trainer = setup(model, backend=cfg.args.backend, optimizer=cfg.optimizer, optimizer_kwargs=kwargs,
-                    period=cfg.period, max_grad_norm=float(cfg.ds_config.get("gradient_clipping", 0.0)),
-                    comm_profile=cfg.ds_config.get("comm_profile"))
+    trainer = setup(model, backend=cfg.settings.backend, optimizer=cfg.optimizer, optimizer_kwargs=kwargs,
+                    period=cfg.period, max_grad_norm=cfg.gradient_clipping,
+                    comm_profile=_comm_section(cfg.comm_profile))
     return TorchBackend(trainer)

@@ -44,13 +44,24 @@ def write_manifest(tag_dir: Path, client_state: dict) -> None:
     _atomic_write(tag_dir / MANIFEST, json.dumps({"files": files, "client_state": client_state}, indent=1))
 
 
-def publish(save_dir: Path, tag: str, keep: int) -> None:
-    """Point ``latest_verified`` at ``tag`` and delete all but the newest ``keep`` verified tags."""
+def publish(save_dir: Path, tag: str, keep: int, lineage: str) -> None:
+    """Point ``latest_verified`` at ``tag`` and delete all but the newest ``keep`` verified tags of ``lineage``.
+
+    A lineage is one run and its resumptions (the id is in each manifest's client state); checkpoints of
+    any other run, or without a lineage (written before it existed), are never deleted."""
     _atomic_write(save_dir / POINTER, tag)
-    tags = sorted((p for p in save_dir.iterdir() if (p / MANIFEST).exists()), key=lambda p: p.stat().st_mtime)
-    for old in tags[:-keep] if keep > 0 else []:
+    ours = [p for p in save_dir.iterdir() if (p / MANIFEST).exists() and _lineage(p) == lineage]
+    ours.sort(key=lambda p: p.stat().st_mtime)
+    for old in ours[:-keep] if keep > 0 else []:
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _lineage(tag_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((tag_dir / MANIFEST).read_text()).get("client_state", {}).get("lineage")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # unreadable: not provably ours, so kept
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -90,6 +101,20 @@ def verify(tag_dir: Path) -> dict:
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file corrupted: {path} (sha256 differs from the manifest)")
     return manifest.get("client_state", {})
+
+
+def older_intact_hint(save_dir: Path, bad_tag: str) -> str:
+    """'; the older checkpoint X is intact: ...' naming the newest other tag that verifies, or ''."""
+    pointer = save_dir / POINTER
+    others = [p for p in save_dir.iterdir() if p.name != bad_tag and (p / MANIFEST).exists()]
+    for tag_dir in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            verify(tag_dir)
+        except CheckpointError:
+            continue
+        return (f"; the older checkpoint {tag_dir} is intact: to resume from it, write its name into {pointer} "
+                f"(echo {tag_dir.name} > {pointer}) and --resume again")
+    return "; no older intact checkpoint was found"
 
 
 # ------------------------------------------------------------------------------ safe loading

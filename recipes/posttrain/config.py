@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
+from pma_dist import distributed
+from pma_dist.comm.profile import CommProfile, parse_comm_profile
 from pma_dist.methods import METHODS, Method, get_method
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--overlong", choices=("truncate", "skip", "error"), default="truncate",
                    help="what to do with records longer than --max-length (always counted and reported)")
+    p.add_argument("--max-degenerate-pairs", type=float, default=0.05, metavar="FRACTION",
+                   help="DPO: refuse the data when more than this fraction of pairs have chosen == rejected "
+                        "(they are counted and reported either way)")
     p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (--backend deepspeed only)")
     # AdaPM is built from named parameters (torch_parallel.setup, the DeepSpeed JSON type "AdaPM"), not by this job
@@ -83,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--output-dir", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue from the last verified checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds one (its files move to replaced-<time>/)")
+    p.add_argument("--collective-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"seconds a collective may wait for a peer before the job stops, and the watchdog's bound "
+                        f"for naming a hung rank (default: ${distributed.TIMEOUT_ENV} or "
+                        f"{distributed.DEFAULT_COLLECTIVE_TIMEOUT_S:.0f})")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints to unpickle arbitrary objects (off: torch.load(weights_only=True))")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code (off)")
@@ -97,23 +110,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("deepspeed", "fsdp", "ddp"), default="deepspeed",
                    help="deepspeed (ZeRO 0-3, --deepspeed CONFIG), fsdp (FSDP2 fully_shard) or ddp (DDP "
                         "no_sync for GA); fsdp/ddp take no --deepspeed/--zero-stage and write DCP checkpoints")
+    p.add_argument("--nonfinite", choices=("skip", "stop"), default=None,
+                   help="a NaN/inf gradient: skip that optimizer step on every rank, counted in the metrics (default "
+                        "for the PMA optimizers, not under ZeRO-3), or stop (a non-finite train loss always stops "
+                        "the run once no micro-batch of a log interval is finite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p
 
 
+@dataclass(frozen=True)
+class JobSettings:
+    """The job's own settings, typed, as the flags gave them (the optimizer's and DeepSpeed's are resolved into
+    :class:`TrainConfig`'s fields instead). Built by :func:`resolve`; a flag without a field here is an error
+    there, so the two cannot drift apart."""
+
+    task: str
+    backend: str
+    seed: int
+    micro_steps: int
+    eval_size: int
+    max_train_records: Optional[int]
+    max_length: int
+    overlong: str
+    max_degenerate_pairs: float
+    eval_every: int
+    eval_batch_size: int
+    save_every: int
+    keep_checkpoints: int
+    output_dir: str
+    resume: bool
+    overwrite: bool
+    collective_timeout: Optional[float]
+    trust_checkpoint: bool
+    trust_remote_code: bool
+    beta: float
+    log_update_variance: bool
+    variance_window: int
+    variance_every: Optional[int]
+    comm_profile: Optional[str]  # the --comm-profile flag (the parsed section is TrainConfig.comm_profile)
+    no_progress: bool
+
+    #: flags resolved into TrainConfig's fields (or the launcher's), not kept here
+    RESOLVED = ("model", "train_data", "eval_data", "deepspeed_config", "optimizer", "period", "lr", "betas", "eps",
+                "weight_decay", "micro_batch_size", "zero_stage", "gradient_clipping", "log_every", "nonfinite",
+                "local_rank")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "JobSettings":
+        names = {f for f in cls.__dataclass_fields__}
+        given = {k: v for k, v in vars(args).items() if k not in cls.RESOLVED}
+        unknown = sorted(set(given) - names)
+        if unknown:  # a programming error: a new flag must be given a field (or be listed as resolved)
+            raise TypeError(f"JobSettings has no field for flag(s) {unknown}")
+        return cls(**given)
+
+
 @dataclass
 class TrainConfig:
-    args: argparse.Namespace
+    settings: JobSettings
     optimizer: str
     period: int
     optimizer_params: dict
-    ds_config: dict
+    ds_config: Optional[dict]  # the DeepSpeed config: --backend deepspeed only (None for fsdp/ddp)
     model: str
     train_data: str
     eval_data: Optional[str]
     fallback: bool
     log_every: int
+    micro_batch_size: int = 4
+    gradient_clipping: float = 0.0
+    comm_profile: Optional[CommProfile] = None
+    nonfinite: str = "stop"  # "skip": the PMA optimizers' skip_nonfinite guard is on
 
     @property
     def method(self) -> Method:
@@ -128,19 +196,27 @@ class TrainConfig:
         return self.method.is_pma
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.ds_config["train_micro_batch_size_per_gpu"]
-
-    @property
     def checkpoint_format(self) -> str:
-        return "deepspeed" if self.args.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
+        return "deepspeed" if self.settings.backend == "deepspeed" else "dcp"  # FSDP2 and DDP share DCP's
 
     def identity(self) -> dict:
-        """What a checkpoint must agree with to be resumed by this run."""
-        return {"checkpoint_format": self.checkpoint_format, "task": self.args.task,
+        """What a checkpoint must agree with to be resumed by this run: everything that changes the math
+        (method and variant, K, betas, eps, DPO beta) or the data stream (data, its length policy, the
+        micro batch, the seed). The settings of :meth:`reapplied` may change on resume instead."""
+        args = self.settings
+        return {"checkpoint_format": self.checkpoint_format, "task": args.task,
                 "optimizer": self.optimizer, "period": self.period,
-                "micro_batch_size": self.micro_batch_size, "seed": self.args.seed, "model": self.model,
-                "train_data": self.train_data}
+                "micro_batch_size": self.micro_batch_size, "seed": args.seed, "model": self.model,
+                "train_data": self.train_data, "eval_data": self.eval_data, "eval_size": args.eval_size,
+                "max_train_records": args.max_train_records, "max_length": args.max_length,
+                "overlong": args.overlong, "betas": list(self.optimizer_params["betas"]),
+                "eps": self.optimizer_params.get("eps"), "dpo_beta": args.beta if args.task == "dpo" else None}
+
+    def reapplied(self) -> dict:
+        """Settings a resumed run takes from its own command line, not from the checkpoint (and logs if changed):
+        lowering the learning rate or the clipping after a spike is what a resume is often for."""
+        return {"lr": self.optimizer_params["lr"], "weight_decay": self.optimizer_params.get("weight_decay", 0.0),
+                "gradient_clipping": self.gradient_clipping}
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -181,6 +257,76 @@ def _check_torch_backend_flags(args: argparse.Namespace) -> None:
                           f"for checkpoints you wrote")
 
 
+# DeepSpeed optimizer types train.py maps onto a method without a registered class, and the keys they take
+_PLAIN_JSON_KEYS = {"adamw": {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "amsgrad"},
+                    "lion": {"lr", "betas", "weight_decay"}}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_json_values(user: dict, source: str) -> None:
+    """The DeepSpeed keys train.py reads, typed as DeepSpeed would need them: a bad one names key and file."""
+    def bad(key, value, expected):
+        raise ConfigError(f"{key}={value!r} in {source} must be {expected}")
+
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = user.get(key)
+        if value is None or (key == "gradient_accumulation_steps" and value == "auto"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            bad(key, value, "a positive integer" + (' or "auto"' if key == "gradient_accumulation_steps" else ""))
+    clipping = user.get("gradient_clipping")
+    if clipping is not None and not (_is_number(clipping) and clipping >= 0):
+        bad("gradient_clipping", clipping, "a number >= 0 (0 disables clipping)")
+    zero = user.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, dict):
+            bad("zero_optimization", zero, 'an object such as {"stage": 2}')
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            bad("zero_optimization.stage", stage, "0, 1, 2 or 3")
+    block = user.get("optimizer")
+    if block is None:
+        return
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        bad("optimizer", block, 'an object with a "type" string, such as {"type": "AdamWPMA", "params": {...}}')
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        bad("optimizer.params", params, "an object")
+    ds_type = block["type"].lower()
+    if ds_type in _PLAIN_JSON_KEYS:
+        unknown = sorted(set(params) - _PLAIN_JSON_KEYS[ds_type])
+        if unknown:
+            raise ConfigError(f"optimizer.params key(s) {', '.join(map(repr, unknown))} in {source} are not taken "
+                              f"by optimizer type {block['type']!r} (valid: {', '.join(sorted(_PLAIN_JSON_KEYS[ds_type]))})")
+        for key in ("lr", "eps", "weight_decay"):
+            if key in params and not _is_number(params[key]):
+                bad(f"optimizer.params.{key}", params[key], "a number")
+        betas = params.get("betas")
+        if betas is not None and not (isinstance(betas, list) and len(betas) == 2 and all(map(_is_number, betas))):
+            bad("optimizer.params.betas", betas, "a list of two numbers")
+        return
+    # a registered PMA type: the optimizer's own constructor checks (the very checks deepspeed.initialize runs)
+    from pma_dist.deepspeed_integration import check_optimizer_params
+
+    try:
+        check_optimizer_params(block["type"], params, source=source)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_optimizer(method: Method, period: int, params: dict, source: str) -> None:
+    """The final optimizer settings (defaults < JSON < flags) through the method's own constructor, before any
+    model loads: a bad beta, eps, lr or weight decay stops the run here, not after the engine is built."""
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        method.build(stand_in, period, **dict(params, betas=tuple(params["betas"])))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--optimizer {method.name} with {params} (flags over {source}): {exc}") from None
+
+
 def _method_of_json(ds_type: str, params: dict, gradient_accumulation: Optional[int]) -> Method:
     """The training method a DeepSpeed ``optimizer`` block describes."""
     if ds_type == "adamwpma":
@@ -199,6 +345,13 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("eval_every", "save_every", "keep_checkpoints"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)
+    if not 0 <= args.max_degenerate_pairs <= 1:
+        raise ConfigError(f"--max-degenerate-pairs must be a fraction in [0, 1], got {args.max_degenerate_pairs}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in "
+                          "--output-dir, --overwrite starts a new one; pass one of them")
+    if args.collective_timeout is not None and not args.collective_timeout > 0:
+        raise ConfigError(f"--collective-timeout must be > 0 seconds, got {args.collective_timeout}")
     if args.beta <= 0:
         raise ConfigError(f"--beta (DPO) must be > 0, got {args.beta}")
     if args.backend != "deepspeed":
@@ -210,13 +363,14 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     ds.pop("train_batch_size", None)  # derived: micro batch x accumulation x ranks
 
     user_opt = user.get("optimizer", {}) or {}
-    user_type = str(user_opt.get("type", "")).lower()
+    user_type = str(user_opt.get("type", "")).lower() if isinstance(user_opt, dict) else ""
     if user_type and user_type not in DS_TYPES:
         raise ConfigError(f"optimizer type {user_opt['type']!r} in {source} is not supported by train.py "
                           f"(expected AdamWPMA, LionPMA, AdamW or Lion)")
+    _check_json_values(user, source)
     json_params = dict(user_opt.get("params") or {})
     user_ga = user.get("gradient_accumulation_steps")
-    json_ga = int(user_ga) if user_ga not in (None, "auto") and int(user_ga) > 1 else None
+    json_ga = user_ga if user_ga not in (None, "auto") and user_ga > 1 else None
     json_method = _method_of_json(user_type, json_params, json_ga) if user_type else None
     method = get_method(args.optimizer) if args.optimizer else (json_method or get_method("adamw_pma"))
     optimizer = method.name
@@ -253,6 +407,7 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         params.pop("eps", None)
     if not float(params["lr"]) > 0:
         raise ConfigError(f"learning rate must be > 0, got lr={params['lr']}")
+    _check_optimizer(method, period, params, source)
 
     if args.micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = args.micro_batch_size
@@ -262,7 +417,21 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         ds["gradient_clipping"] = args.gradient_clipping
     if args.comm_profile:
         ds["comm_profile"] = {"enabled": True, "output_dir": args.comm_profile}
+    try:
+        comm_profile = parse_comm_profile(ds.get("comm_profile"))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     _positive("train_micro_batch_size_per_gpu", ds["train_micro_batch_size_per_gpu"])
+
+    stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3 and args.backend == "deepspeed"
+    if args.nonfinite == "skip" and stage3:
+        raise ConfigError("--nonfinite skip needs one optimizer step() per rank and micro-step; ZeRO-3 steps once per "
+                          "sub-group: use --nonfinite stop or ZeRO stage 0-2")
+    guard_applies = method.deepspeed_type != "AdamW"  # torch.optim.AdamW (adamw, adamw_ga) has no guard
+    if args.nonfinite == "skip" and not guard_applies:
+        raise ConfigError(f"--nonfinite skip: --optimizer {optimizer} is torch.optim.AdamW, which has no non-finite "
+                          f"guard; use --nonfinite stop")
+    nonfinite = args.nonfinite or ("skip" if guard_applies and not stage3 else "stop")
 
     log_every = args.log_every or period
     schedule = method.schedule(period)
@@ -287,6 +456,10 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
     if fallback and args.model is None and args.train_data is not None:
         raise ConfigError(f"--train-data {train_data} given but no model: pass --model (the fallback model has "
                           f"a character tokenizer meant only for the built-in synthetic task)")
-    return TrainConfig(args=args, optimizer=optimizer, period=period, optimizer_params=params, ds_config=ds,
+    # the backend-independent settings are typed fields; the DeepSpeed dict exists only for DeepSpeed
+    return TrainConfig(settings=JobSettings.from_namespace(args), optimizer=optimizer, period=period, optimizer_params=params,
+                       ds_config=ds if args.backend == "deepspeed" else None,
+                       micro_batch_size=int(ds["train_micro_batch_size_per_gpu"]),
+                       gradient_clipping=float(ds.get("gradient_clipping", 0.0)),
                        model=model, train_data=train_data, eval_data=args.eval_data, fallback=fallback,
-                       log_every=log_every)
+                       log_every=log_every, comm_profile=comm_profile, nonfinite=nonfinite)

@@ -65,7 +65,14 @@ def _read_local(path: Path) -> List[dict]:
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
         raise DataError(f"data path {path} is a directory; expected a .jsonl or .json file")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); "
+                        f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -146,19 +153,25 @@ class TokenisedSet:
     task: str
     examples: List[dict]
     total: int
-    truncated: int = 0
+    truncated: int = 0  # records (a DPO pair counts once, whichever of its sides was cut)
     skipped: int = 0
     source: str = ""
+    degenerate: List[str] = field(default_factory=list)  # DPO: where chosen == rejected after tokenising
 
     def report(self) -> str:
-        return (f"{self.source}: {len(self.examples)} of {self.total} {self.task} records used "
-                f"({self.truncated} truncated, {self.skipped} skipped as longer than max length)")
+        text = (f"{self.source}: {len(self.examples)} of {self.total} {self.task} records used "
+                f"({self.truncated} truncated, {self.skipped} skipped as longer than max length")
+        if self.task == "dpo":
+            text += (f", {len(self.degenerate)} degenerate pairs with chosen == rejected, which train at loss "
+                     f"ln 2 with zero gradient")
+        return text + ")"
 
 
 class Tokeniser:
     """Turns records into ids; the prompt is tokenised apart from the response so the loss mask is exact."""
 
-    def __init__(self, tokenizer, max_length: int, overlong: str = "truncate"):
+    def __init__(self, tokenizer, max_length: int, overlong: str = "truncate", max_degenerate: float = 0.05):
+        self.max_degenerate = max_degenerate  # DPO: the largest fraction of chosen == rejected pairs accepted
         if overlong not in OVERLONG_POLICIES:
             raise DataError(f"unknown overlong policy {overlong!r}; expected one of {OVERLONG_POLICIES}")
         if max_length < 8:
@@ -217,20 +230,31 @@ class Tokeniser:
         for index, record in enumerate(records):
             where = f"{source} line {record.get('_line', index + 1)}"
             prompt = prompts[index]
-            pair = {}
+            pair, cut_any = {}, False
             for side in ("chosen", "rejected"):
                 fitted = self._fit(prompt, sides[side][index] + [self.eos], where)
                 if fitted is None:
                     break
                 p, response, cut = fitted
-                out.truncated += cut
+                cut_any |= cut
                 pair[side] = {"input_ids": p + response, "labels": [IGNORE_INDEX] * len(p) + response}
             if len(pair) < 2:
                 out.skipped += 1
                 continue
+            out.truncated += cut_any
+            if pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]:
+                out.degenerate.append(where)
             out.examples.append(pair)
         self._check_nonempty(out)
+        self._check_degenerate(out)
         return out
+
+    def _check_degenerate(self, out: TokenisedSet) -> None:
+        if len(out.degenerate) > self.max_degenerate * len(out.examples):
+            shown = ", ".join(out.degenerate[:3]) + (", ..." if len(out.degenerate) > 3 else "")
+            raise DataError(f"{out.source}: {len(out.degenerate)} of {len(out.examples)} DPO pairs have chosen == "
+                            f"rejected (after tokenising and truncation; e.g. {shown}); they train at loss ln 2 with "
+                            f"zero gradient: fix the data, or raise --max-degenerate-pairs (now {self.max_degenerate})")
 
     def _check_nonempty(self, out: TokenisedSet) -> None:
         if not out.examples:

@@ -15,22 +15,40 @@ from typing import List, Optional
 import torch
 
 
+class MetricsError(ValueError):
+    """An unreadable line of an existing metrics log; names the file and line."""
+
+
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path = Path(path)
         self.enabled = enabled
 
-    def truncate_after(self, micro_step: int) -> None:
-        """On resume: drop lines logged after the checkpoint, so the log continues without duplicates."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["micro_step"] <= micro_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+    def truncate_after(self, micro_step: int) -> Optional[str]:
+        """On resume: drop lines logged after the checkpoint, so the log continues without duplicates.
 
-    def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        A half-written last line (the run was killed mid-write) is dropped and described in the returned
+        note; any other unreadable line is a :class:`MetricsError` naming the file and line."""
+        if not self.enabled or not self.path.exists():
+            return None
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept, note = [], None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row["micro_step"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if number == len(lines):
+                    note = f"{self.path}:{number}: dropped a half-written last line ({line[:40]!r}...)"
+                    continue
+                raise MetricsError(f"{self.path}:{number}: not a metrics record ({type(exc).__name__}: {exc}); "
+                                   f"fix or remove that line, then --resume again") from None
+            if step <= micro_step:
+                kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        return note
 
     def write(self, **record) -> None:
         if not self.enabled:

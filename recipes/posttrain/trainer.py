@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, data, fallback
+from pma_dist import distributed
+
+from . import checkpoints, data, fallback, run_dir
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -35,10 +38,10 @@ def _say(rank: int, message: str) -> None:
 def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.fallback:
         tokenizer = fallback.char_tokenizer()
-        return fallback.tiny_llama(len(tokenizer), cfg.args.seed), tokenizer
+        return fallback.tiny_llama(len(tokenizer), cfg.settings.seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trust = cfg.args.trust_remote_code
+    trust = cfg.settings.trust_remote_code
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=torch.float32)
@@ -66,9 +69,9 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    args = cfg.args
+    args = cfg.settings
     key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
-           args.max_length, args.overlong)
+           args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
         _DATASETS.clear()
         _DATASETS[key] = _load_datasets(cfg, tokenizer)
@@ -76,7 +79,7 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 
 
 def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    args = cfg.args
+    args = cfg.settings
     if cfg.train_data == FALLBACK:
         records = fallback.synthetic_records(args.task, 4096 + args.eval_size, seed=1234)
         source = "built-in synthetic fallback task"
@@ -91,7 +94,7 @@ def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
         eval_source = f"{source} (held-out {args.eval_size})"
     if args.max_train_records:
         train_records = train_records[: args.max_train_records]
-    tok = data.Tokeniser(tokenizer, args.max_length, args.overlong)
+    tok = data.Tokeniser(tokenizer, args.max_length, args.overlong, args.max_degenerate_pairs)
     encode = tok.sft if args.task == "sft" else tok.dpo
     return Datasets(train=encode(train_records, source), eval=encode(eval_records, eval_source))
 
@@ -197,23 +200,23 @@ def _all_reduce_sum(values: torch.Tensor, device) -> torch.Tensor:
 def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int, device) -> dict:
     engine.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
-    width = 2 if cfg.args.task == "sft" else 4
+    width = 2 if cfg.settings.task == "sft" else 4
     sums = torch.zeros(width, dtype=torch.float64)
-    batches = list(data.eval_batches(examples, cfg.args.eval_batch_size, rank, world))
+    batches = list(data.eval_batches(examples, cfg.settings.eval_batch_size, rank, world))
     # FSDP2 and ZeRO-3 all-gather parameters in every forward, so every rank must run as many
     # forwards as rank 0 (which has the most): the extra ones are discarded
-    most = len(list(data.eval_batches(examples, cfg.args.eval_batch_size, 0, world)))
+    most = len(list(data.eval_batches(examples, cfg.settings.eval_batch_size, 0, world)))
     for index in range(most):
         chunk = batches[index] if index < len(batches) else list(examples[:1])
         # the bare module, not engine(): evaluation is not a training micro-step (the comm ledger
         # and DeepSpeed's own counters start one per engine forward); ZeRO-3's and FSDP2's gather
         # hooks live on the module, so this works for every backend
-        result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.args.task, pad), device)).cpu()
+        result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.settings.task, pad), device)).cpu()
         if index < len(batches):
             sums += result
     sums = _all_reduce_sum(sums, device)
     engine.train()
-    if cfg.args.task == "sft":
+    if cfg.settings.task == "sft":
         return {"eval_loss": (sums[0] / sums[1]).item(), "eval_tokens": int(sums[1])}
     return {"eval_loss": (sums[0] / sums[1]).item(), "eval_accuracy": (sums[2] / sums[1]).item(),
             "eval_reward_accuracy": (sums[3] / sums[1]).item(), "eval_pairs": int(sums[1])}
@@ -248,12 +251,19 @@ class Job:
     head: Optional[torch.nn.Parameter] = None  # the layer whose update variance is measured
     start: int = 0
     wall: float = 0.0
+    lineage: str = ""  # one run and its resumptions: checkpoint rotation deletes only this lineage's tags
+    watchdog: Optional[distributed.Watchdog] = None
 
     @property
     def common(self) -> dict:
-        args = self.cfg.args
+        args = self.cfg.settings
         return dict(task=args.task, optimizer=self.cfg.optimizer, period=self.cfg.period, fallback=self.cfg.fallback,
                     backend=args.backend)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps the non-finite guard skipped, all runs of the lineage together."""
+        return int(getattr(self.engine.optimizer, "nonfinite_steps_skipped", 0))
 
     @property
     def samples_per_micro(self) -> int:
@@ -270,62 +280,92 @@ class Job:
 
     def save(self, micro_step: int) -> None:
         tag = f"micro{micro_step:08d}"
-        state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity()}
+        state = {"micro_step": micro_step, "wall_clock": self.wall, "identity": self.cfg.identity(),
+                 "reapplied": self.cfg.reapplied(), "lineage": self.lineage,
+                 "nonfinite_steps_skipped": self.skipped_steps}
         self.engine.save(self.ckpt_dir, tag, state)
         dist.barrier()
         if self.rank == 0:
             checkpoints.write_manifest(self.ckpt_dir / tag, state)
-            checkpoints.publish(self.ckpt_dir, tag, self.cfg.args.keep_checkpoints)
+            checkpoints.publish(self.ckpt_dir, tag, self.cfg.settings.keep_checkpoints, self.lineage)
         dist.barrier()
 
 
-def _join_process_group(backend: str) -> None:
+def _join_process_group(backend: str, timeout_s: Optional[float]) -> None:
     if dist.is_initialized():
         return
     if backend == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=distributed.collective_timeout(timeout_s))
     else:
         from pma_dist.torch_parallel import init_process_group
 
-        init_process_group()
+        init_process_group(timeout=timeout_s)
 
 
 def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
     """(tag, manifest state) of the checkpoint to resume, verified against this run; (None, {}) to start anew."""
-    if not cfg.args.resume:
+    if not cfg.settings.resume:
         return None, {}
     tag = checkpoints.latest_tag(ckpt_dir) if ckpt_dir.exists() else None
     if tag is None:
         _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
         return None, {}
-    state = checkpoints.verify(ckpt_dir / tag)
-    # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's
+    try:
+        state = checkpoints.verify(ckpt_dir / tag)
+    except checkpoints.CheckpointError as exc:
+        raise checkpoints.CheckpointError(f"{exc}{checkpoints.older_intact_hint(ckpt_dir, tag)}") from None
+    # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's; keys added to the
+    # identity later are compared only where the checkpoint has them
     saved = dict({"checkpoint_format": "deepspeed"}, **state.get("identity", {}))
-    for key, value in cfg.identity().items():
-        if saved.get(key) != value:
-            raise checkpoints.CheckpointError(
-                f"checkpoint {ckpt_dir / tag} was written with {key}={saved.get(key)!r}, this run has "
-                f"{key}={value!r}")
+    differ = [f"{key}={saved[key]!r} (this run: {value!r})" for key, value in cfg.identity().items()
+              if key in saved and saved[key] != value]
+    if differ:
+        raise checkpoints.CheckpointError(
+            f"checkpoint {ckpt_dir / tag} was written with {', '.join(differ)}: these change the math or the data, "
+            f"so --resume needs the checkpoint's values; to train with the new ones start a new run "
+            f"(--overwrite, or another --output-dir)")
     return tag, state
+
+
+def _reapply_after_load(job: Job, saved: dict) -> None:
+    """The resumed run trains with its own lr / weight decay (the loaded param groups carry the old ones)."""
+    now = job.cfg.reapplied()
+    for group in job.engine.optimizer.param_groups:
+        group["lr"] = now["lr"]
+        if "weight_decay" in group:
+            group["weight_decay"] = now["weight_decay"]
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            _say(job.rank, f"--resume: {key} {saved[key]!r} -> {value!r} (this run's value applied; the "
+                           f"checkpoint was trained with {saved[key]!r})")
 
 
 def prepare(cfg: TrainConfig) -> Job:
     """Everything before the first training step; every problem with the inputs is raised here."""
     from deepspeed.accelerator import get_accelerator
 
-    args = cfg.args
-    _join_process_group(args.backend)
+    args = cfg.settings
+    run_dir.check(cfg)  # outputs writable, no other run in --output-dir: before any process group or model
+    try:
+        distributed.collective_timeout(args.collective_timeout)
+    except ValueError as exc:  # a bad $PMA_DIST_COLLECTIVE_TIMEOUT
+        raise ConfigError(str(exc)) from None
+    _join_process_group(args.backend, args.collective_timeout)
+    watchdog = distributed.start_watchdog(args.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.fallback or cfg.train_data == FALLBACK:
         _say(rank, fallback.FALLBACK_BANNER)
 
     resume_tag, resume_state = _checked_resume_point(cfg, ckpt_dir, rank)
+    if resume_tag is None and rank == 0:  # --overwrite, or --resume with nothing to resume: keep the old files
+        moved = run_dir.set_aside(out)
+        if moved is not None:
+            _say(rank, f"the previous run's files in {out} moved to {moved}")
+    dist.barrier()
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
     sets = load_datasets(cfg, tokenizer)
@@ -338,6 +378,8 @@ def prepare(cfg: TrainConfig) -> Job:
         # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
+    if cfg.nonfinite == "skip":
+        engine.optimizer.skip_nonfinite = True  # a PMAOptimizer: resolve() refused the others
     device = torch.device(get_accelerator().current_device_name())
     if reference is not None:
         reference.to(device)
@@ -347,14 +389,18 @@ def prepare(cfg: TrainConfig) -> Job:
               objective=Objective(args.task, args.beta, reference),
               metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
               variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
-                        if args.log_update_variance else None))
+                        if args.log_update_variance else None),
+              lineage=resume_state.get("lineage") or uuid.uuid4().hex, watchdog=watchdog)
     if resume_tag is not None:
+        note = job.metrics.truncate_after(int(resume_state["micro_step"]))  # before loading: a bad log fails fast
         engine.load(ckpt_dir, resume_tag)
         job.start, job.wall = int(resume_state["micro_step"]), float(resume_state["wall_clock"])
-        job.metrics.truncate_after(job.start)
+        _reapply_after_load(job, resume_state.get("reapplied", {}))
+        if cfg.nonfinite == "skip":
+            engine.optimizer.nonfinite_steps_skipped = int(resume_state.get("nonfinite_steps_skipped", 0))
+        if note:
+            _say(rank, note)
         _say(rank, f"resumed from {ckpt_dir / resume_tag} at micro-step {job.start}")
-    else:
-        job.metrics.reset()
     job.head = last_layer(engine.module)
     if job.variance is not None:
         job.variance.observe(_full_weight(job.head))
@@ -363,7 +409,7 @@ def prepare(cfg: TrainConfig) -> Job:
 
 def train_loop(job: Job) -> Optional[dict]:
     """Micro-steps ``job.start .. --micro-steps``: train, log, evaluate and save on schedule; the last eval."""
-    cfg, args, engine = job.cfg, job.cfg.args, job.engine
+    cfg, args, engine = job.cfg, job.cfg.settings, job.engine
     last_eval = job.evaluate(job.start) if job.start == 0 else None
     progress = None
     if job.rank == 0 and not args.no_progress:
@@ -377,10 +423,17 @@ def train_loop(job: Job) -> Optional[dict]:
         began = time.perf_counter()
         chunk = [job.sets.train.examples[i] for i in job.order.indices(micro, job.rank)]
         batch = _to_device(data.collate(chunk, args.task, job.pad), job.device)
+        if job.watchdog is not None:
+            job.watchdog.progress = f"micro-step {micro}"
         loss = engine.micro_step(lambda model: job.objective.loss(model, batch))
         job.wall += time.perf_counter() - began
-        window_loss += loss.item()
-        window_n += 1
+        value = loss.item()
+        if math.isfinite(value):  # a non-finite one was skipped by the guard, or stops the run below
+            window_loss += value
+            window_n += 1
+        elif cfg.nonfinite == "stop":
+            raise FloatingPointError(f"train loss is {value} at micro-step {micro + 1} on rank {job.rank}: lower "
+                                     f"--lr (or pass --nonfinite skip to skip such steps)")
         done = micro + 1
         if progress is not None:
             progress.update(1)
@@ -391,10 +444,12 @@ def train_loop(job: Job) -> Optional[dict]:
                                   train_loss=window_loss / max(window_n, 1), **stats)
         if done % cfg.log_every == 0 or done == args.micro_steps:
             mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), job.device)
-            train_loss = (mean[0] / mean[1]).item()
+            train_loss = (mean[0] / mean[1]).item() if mean[1] > 0 else float("nan")
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"train loss is {train_loss} at micro-step {done}: lower --lr")
-            job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss)
+                raise FloatingPointError(f"train loss is {train_loss} at micro-step {done} (no finite micro-batch "
+                                         f"loss since the last log line): lower --lr")
+            job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss,
+                              nonfinite_steps_skipped=job.skipped_steps)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
@@ -409,25 +464,35 @@ def train_loop(job: Job) -> Optional[dict]:
 
 def finish(job: Job, last_eval: Optional[dict]) -> dict:
     """The final evaluation if the loop ran none, ``summary.json`` (rank 0), and the backend released."""
-    cfg, args = job.cfg, job.cfg.args
+    cfg, args = job.cfg, job.cfg.settings
     if last_eval is None:
         last_eval = job.evaluate(args.micro_steps)
     summary = dict(job.common, micro_steps=args.micro_steps, optimizer_steps=optimizer_step_count(job.engine.optimizer),
                    engine_global_steps=job.engine.global_steps, world_size=job.world,
                    micro_batch_size=cfg.micro_batch_size, samples=args.micro_steps * job.samples_per_micro,
-                   wall_clock=job.wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
-                   variant=cfg.method.variant, model=cfg.model, train_data=cfg.train_data,
+                   wall_clock=job.wall, seed=args.seed, **ran_with(job), model=cfg.model, train_data=cfg.train_data,
                    train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
-                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval)
+                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, nonfinite=cfg.nonfinite,
+                   nonfinite_steps_skipped=job.skipped_steps, **last_eval)
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
     job.engine.release()
     return summary
 
 
+def ran_with(job: Job) -> dict:
+    """The hyper-parameters the optimizer actually stepped with (read from it, not from the flags)."""
+    group = job.engine.optimizer.param_groups[0]
+    betas = group.get("betas")
+    return dict(lr=group["lr"], betas=list(betas) if betas is not None else None, eps=group.get("eps"),
+                weight_decay=group.get("weight_decay"), variant=group.get("variant", job.cfg.method.variant),
+                optimizer_period=group.get("period"),
+                gradient_clipping=job.cfg.reapplied()["gradient_clipping"])
+
+
 def build_backend(cfg: TrainConfig, model):
     """The model wrapped for ``--backend``, with its optimizer (see :mod:`recipes.posttrain.backends`)."""
-    if cfg.args.backend != "deepspeed":
+    if cfg.settings.backend != "deepspeed":
         return build_torch_backend(cfg, model)
     import deepspeed
 
@@ -435,4 +500,4 @@ def build_backend(cfg: TrainConfig, model):
     ds_config = deepspeed_config(cfg, client is not None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
-    return DeepSpeedBackend(engine, trust_checkpoint=cfg.args.trust_checkpoint)
+    return DeepSpeedBackend(engine, trust_checkpoint=cfg.settings.trust_checkpoint)
