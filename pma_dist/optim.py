@@ -104,6 +104,8 @@ def _check_variant(variant) -> None:
 
 
 _PMA_HYPER_KEYS = {"lr", "betas", "eps", "weight_decay", "period", "variant"}  # AdamWPMA's and LionPMA's together
+# hyper-parameters added after state dicts were first saved: an older state without them loads with these
+_LATER_HYPER_DEFAULTS = {"lr_decay": "none"}
 _PMA_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}
 
 
@@ -258,6 +260,9 @@ class PMAOptimizer(torch.optim.Optimizer):
         for index, (group, old) in enumerate(zip(self.param_groups, before)):
             group.setdefault("step", 0)
             group.setdefault("fused", None)
+            for key, default in _LATER_HYPER_DEFAULTS.items():
+                if key in self.defaults:
+                    group.setdefault(key, default)
             changed = [f"{key} {old[key]!r} -> {group.get(key)!r}" for key in old
                        if key in self.defaults and group.get(key) != old[key]]
             if changed:
@@ -270,7 +275,7 @@ class PMAOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups', got "
                              f"{type(state_dict).__name__} with keys {sorted(state_dict)[:8] if isinstance(state_dict, dict) else '-'}")
-        hyper = set(self.defaults) - {"foreach", "fused"}
+        hyper = set(self.defaults) - {"foreach", "fused"} - set(_LATER_HYPER_DEFAULTS)
         foreign_markers = _PMA_HYPER_KEYS - hyper  # keys only another PMA optimizer's groups have
         for index, group in enumerate(state_dict["param_groups"]):
             missing = sorted(hyper - set(group))
@@ -335,7 +340,7 @@ class PMAOptimizer(torch.optim.Optimizer):
             params, grads, moments = self._collect(group, t - 1)
             if not params or self._setup_depth:
                 continue
-            phase = PMAPhase(step=t, period=group["period"], lr_decay=group.get("lr_decay", "none"))
+            phase = PMAPhase(step=t, period=group["period"], lr_decay=group["lr_decay"])
             params_l, grads_l, moments_l = _local_shards(params, grads, moments)
             if group["foreach"] is False:
                 for i, (p, g) in enumerate(zip(params_l, grads_l)):

@@ -120,3 +120,18 @@ def test_decay_off_by_default_and_bad_values_named():
         AdamWPMA([torch.nn.Parameter(torch.zeros(1))], lr_decay="linear")
     with pytest.raises(ValueError, match="unknown PMA lr_decay 'cosine'"):
         PMAPhase(step=1, period=2, lr_decay="cosine")
+
+
+def test_a_state_dict_from_before_lr_decay_loads_with_none():
+    p = torch.nn.Parameter(torch.ones(3))
+    old = AdamWPMA([p], period=K)
+    p.grad = torch.ones(3)
+    old.step()
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        del group["lr_decay"]  # what a checkpoint written before the option holds
+    new = AdamWPMA([p], period=K, lr_decay="periodic")
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["lr_decay"] == "none"
+    p.grad = torch.ones(3)
+    new.step()  # and it steps
