@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, data, fallback
+from . import checkpoints, data, fallback, peak_memory
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -418,7 +418,8 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
                    wall_clock=job.wall, lr=cfg.optimizer_params["lr"], seed=args.seed,
                    variant=cfg.method.variant, model=cfg.model, train_data=cfg.train_data,
                    train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
-                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval)
+                   skipped=job.sets.train.skipped, resumed_from=job.resume_tag, **last_eval,
+                   **peak_memory.peak_per_rank(job.device))
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
     job.engine.release()
