@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, data, fallback, peak_memory
+from . import checkpoints, data, fallback, peak_memory, reference
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -151,7 +151,8 @@ def _full_weight(param) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ loop pieces
 class Objective:
-    """Loss of a batch for the task (and the frozen reference model for DPO)."""
+    """Loss of a batch for the task; for DPO, ``reference`` gives the frozen reference's log-probabilities
+    (:mod:`recipes.posttrain.reference`: cached ones by default, or a model copy)."""
 
     def __init__(self, task: str, beta: float, reference=None):
         self.task, self.beta, self.reference = task, beta, reference
@@ -164,9 +165,7 @@ class Objective:
 
     def _dpo(self, logits, batch):
         logp = sequence_logprobs(logits, batch["labels"])
-        with torch.no_grad():
-            ref_logits = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            ref = sequence_logprobs(ref_logits, batch["labels"])
+        ref = self.reference.logprobs(batch).to(logp.dtype)
         n = logp.shape[0] // 2
         return dpo_terms(logp[:n], logp[n:], ref[:n], ref[n:], self.beta)
 
@@ -333,18 +332,16 @@ def prepare(cfg: TrainConfig) -> Job:
     _say(rank, sets.eval.report())
     order = data.MicroBatchOrder(len(sets.train.examples), cfg.micro_batch_size, world, args.seed)
 
-    reference = None
-    if args.task == "dpo":
-        # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    copied = None
+    if args.task == "dpo" and cfg.dpo_reference == "copy":
+        copied = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
     device = torch.device(get_accelerator().current_device_name())
-    if reference is not None:
-        reference.to(device)
+    ref_source = dpo_reference(cfg, engine.module, copied, sets, order, rank, world, pad_id(tokenizer), device, out)
 
     job = Job(cfg=cfg, rank=rank, world=world, out=out, ckpt_dir=ckpt_dir, resume_tag=resume_tag, sets=sets,
               order=order, pad=pad_id(tokenizer), engine=engine, device=device,
-              objective=Objective(args.task, args.beta, reference),
+              objective=Objective(args.task, args.beta, ref_source),
               metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
               variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
                         if args.log_update_variance else None))
@@ -359,6 +356,25 @@ def prepare(cfg: TrainConfig) -> Job:
     if job.variance is not None:
         job.variance.observe(_full_weight(job.head))
     return job
+
+
+def dpo_reference(cfg: TrainConfig, module, copied, sets: Datasets, order, rank: int, world: int, pad: int,
+                  device, out: Path):
+    """The DPO reference (None for SFT): ``copied`` moved to the device, or the initial policy ``module``'s
+    log-probabilities over every batch the run will score, cached under ``out`` (before any checkpoint
+    is loaded, so it is the initial model even on ``--resume``)."""
+    if cfg.args.task != "dpo":
+        return None
+    if copied is not None:
+        return reference.ModelReference(copied.to(device))
+    args = cfg.args
+    batches = list(reference.training_batches(sets.train.examples, order, args.micro_steps, rank, pad))
+    batches += list(reference.eval_batches(sets.eval.examples, args.eval_batch_size, rank, world, pad))
+    dtype = next(module.parameters()).dtype
+    key = reference.fingerprint(cfg.model, dtype, world=world, micro_batch_size=cfg.micro_batch_size,
+                                eval_batch_size=args.eval_batch_size, seed=args.seed, max_length=args.max_length,
+                                overlong=args.overlong, backend=args.backend)
+    return reference.precompute(module, batches, device, out / "reference_logprobs" / f"rank{rank}.pt", key)
 
 
 def train_loop(job: Job) -> Optional[dict]:
