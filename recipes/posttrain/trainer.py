@@ -32,18 +32,52 @@ def _say(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+def training_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the weights are loaded in: the DeepSpeed config's ``bf16`` / ``fp16`` section, else fp32.
+
+    DeepSpeed's bf16/fp16 engines keep their own fp32 master copy in the optimizer, so loading the
+    module in fp32 first would only add a transient full-precision copy. FSDP2 and DDP runs train in fp32.
+    """
+    ds = cfg.ds_config if cfg.args.backend == "deepspeed" else {}
+    if (ds.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def zero3_enabled(cfg: TrainConfig) -> bool:
+    return cfg.args.backend == "deepspeed" and int((cfg.ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
+    """The model in the training dtype, and its tokenizer.
+
+    Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (transformers does so while an
+    ``HfDeepSpeedConfig`` is alive): every parameter is partitioned as it is created, rank 0 reads the
+    checkpoint and each layer is gathered, filled and re-partitioned in turn, so no rank ever holds the
+    whole model. The config object lives only for this load: a later job of the same process (a
+    benchmark) may not be ZeRO-3.
+    """
     if cfg.fallback:
         tokenizer = fallback.char_tokenizer()
         return fallback.tiny_llama(len(tokenizer), cfg.args.seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = cfg.args.trust_remote_code
+    zero3_config = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=torch.float32)
+        if zero3_enabled(cfg):
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # the optimizer section is not needed to partition parameters (and may name a client optimizer)
+            zero3_config = HfDeepSpeedConfig(deepspeed_config(cfg, uses_client_optimizer=True))
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=training_dtype(cfg))
     except Exception as exc:  # bad path, offline hub, remote code refused: all end the run here, clearly
         raise ConfigError(f"could not load model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        del zero3_config  # transformers holds only a weak reference: ZeRO-3 loading ends here
     return model, tokenizer
 
 
