@@ -38,3 +38,30 @@ def peak_per_rank(device: torch.device) -> dict:
         per_rank = [mine]
     kind = "max_rss" if device.type == "cpu" else f"{device.type}_max_allocated"
     return {"peak_memory_kind": kind, "peak_memory_bytes": per_rank}
+
+
+#: host allocations at least this large get their own mapping, returned to the OS when freed
+HOST_MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def bound_host_allocator() -> bool:
+    """Make freed large host tensors go back to the OS (glibc only; True when applied).
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so afterwards
+    layer-sized tensors come from the heap, and a heap freed in the middle stays resident: measured
+    on the 95M model under ZeRO-3, the peak RSS then grew by ~2 bytes/parameter per micro-step. A
+    fixed threshold keeps every tensor of 1 MiB or more in its own mapping, so the resident set tracks
+    the tensors alive (at the cost of a page fault per fresh large allocation). Small objects
+    (tokenised data, Python) are unaffected.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False

@@ -24,6 +24,7 @@ from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 from .metrics import MetricsLog, UpdateVariance
+from .zero_memory import with_zero3_bounds
 
 
 # ------------------------------------------------------------------------------ setup
@@ -151,7 +152,7 @@ def _config_knows_pma() -> bool:
 
 
 def deepspeed_config(cfg: TrainConfig, uses_client_optimizer: bool) -> dict:
-    ds = copy.deepcopy(cfg.ds_config)
+    ds = with_zero3_bounds(cfg.ds_config)  # a copy
     if uses_client_optimizer:
         ds.pop("optimizer", None)
     else:
@@ -349,6 +350,8 @@ def prepare(cfg: TrainConfig) -> Job:
     from deepspeed.accelerator import get_accelerator
 
     args = cfg.args
+    if get_accelerator().device_name() == "cpu":
+        peak_memory.bound_host_allocator()  # host RSS then tracks live tensors (see peak_memory)
     _join_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.output_dir)
