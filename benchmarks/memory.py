@@ -31,6 +31,7 @@ RUN_FLAGS = ["--zero-stage", "3", "--micro-batch-size", "1", "--max-length", "12
              "--eval-size", "16", "--eval-batch-size", "16", "--no-progress", "--optimizer", "adamw_pma",
              "--period", "4"]
 MiB = 2**20
+MODEL_TOLERANCE = 0.15  # the issue's acceptance band for the memory model against these measurements
 
 
 def model_dir(size: str, models: Path) -> Path:
@@ -57,6 +58,15 @@ def parameter_count(path: Path) -> int:
                     count *= d
                 total += count
     return total
+
+
+def modelled(size: str, task: str, nproc: int, reference: str) -> float:
+    """pma_dist.memory's peak for the run's setting (ZeRO-3 fp32, AdamW moments, 1 x 128 tokens)."""
+    from pma_dist import memory
+
+    shape = memory.SHAPES[{"260k": "stories260K", "25m": "llama_25m", "95m": "llama_95m"}[size]]
+    work = memory.Workload(task=task, micro_batch=1, seq_len=128, dpo_reference=reference)
+    return memory.estimate(shape, "ZeRO-3", nproc, work, dtype="float32")["total"]
 
 
 def run_one(model: Path, task: str, out: Path, nproc: int, timeout: float, extra) -> dict:
@@ -93,17 +103,39 @@ def main(argv=None) -> int:
                              peak_bytes_per_rank=peaks, peak_bytes=max(peaks), kind=summary["peak_memory_kind"]))
             print(f"{task} {size}: peak {max(peaks) / MiB:,.0f} MiB per rank {[round(x / MiB) for x in peaks]}",
                   flush=True)
+    reference = "copy" if "copy" in args.extra else "cached"
     for row in rows:
         base = next(r for r in rows if r["task"] == row["task"] and r["size"] == "260k")
         extra_params = row["parameters"] - base["parameters"]
         row["bytes_per_parameter"] = ((row["peak_bytes"] - base["peak_bytes"]) / extra_params
                                       if extra_params else None)
-    print(f"\n{'task':4} {'model':5} {'params':>12} {'peak MiB':>9} {'B/param':>8}")
+        row["measured_above_base"] = row["peak_bytes"] - base["peak_bytes"]
+        row["modelled_above_base"] = modelled(row["size"], row["task"], args.nproc, reference) - modelled(
+            "260k", row["task"], args.nproc, reference)
+        row["model_error"] = (row["modelled_above_base"] / row["measured_above_base"] - 1
+                              if extra_params else None)
+    print(f"\n{'task':4} {'model':5} {'params':>12} {'peak MiB':>9} {'B/param':>8} {'above base MiB':>15} "
+          f"{'modelled MiB':>13} {'model error':>11}")
     for row in rows:
-        bpp = f"{row['bytes_per_parameter']:.1f}" if row["bytes_per_parameter"] is not None else "base"
-        print(f"{row['task']:4} {row['size']:5} {row['parameters']:>12,} {row['peak_bytes'] / MiB:>9,.0f} {bpp:>8}")
+        if row["bytes_per_parameter"] is None:
+            print(f"{row['task']:4} {row['size']:5} {row['parameters']:>12,} {row['peak_bytes'] / MiB:>9,.0f} "
+                  f"{'base':>8}")
+            continue
+        print(f"{row['task']:4} {row['size']:5} {row['parameters']:>12,} {row['peak_bytes'] / MiB:>9,.0f} "
+              f"{row['bytes_per_parameter']:>8.1f} {row['measured_above_base'] / MiB:>15,.0f} "
+              f"{row['modelled_above_base'] / MiB:>13,.0f} {100 * row['model_error']:>+10.1f}%")
+    by = {(r["task"], r["size"]): r for r in rows}
+    for size in args.sizes:
+        if ("sft", size) in by and ("dpo", size) in by:
+            extra = by[("dpo", size)]["bytes_per_parameter"] - by[("sft", size)]["bytes_per_parameter"]
+            print(f"DPO over SFT at {size}: {extra:+.1f} bytes/parameter")
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(label=args.label, command=" ".join(RUN_FLAGS + args.extra), nproc=args.nproc, rows=rows)
+    result = dict(label=args.label, command=" ".join(RUN_FLAGS + args.extra), nproc=args.nproc, rows=rows,
+                  model_tolerance=MODEL_TOLERANCE,
+                  model_within_tolerance=all(abs(r["model_error"]) <= MODEL_TOLERANCE for r in rows
+                                             if r["model_error"] is not None))
+    print(f"memory model within +-{100 * MODEL_TOLERANCE:.0f}% of every measured point: "
+          f"{result['model_within_tolerance']}")
     (out / f"memory_{args.label}.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / f'memory_{args.label}.json'}")
     return 0

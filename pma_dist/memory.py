@@ -24,7 +24,8 @@
   64 MiB fp32 block of the selective log-softmax (``recipes/posttrain/losses.py``).
 - ``transient``: ZeRO-3's gathered parameters (up to ``stage3_max_live_parameters``), its reduce bucket
   and the fp32 gradient copy of one optimizer sub-group; FSDP2's two gathered units (one computing, one
-  prefetched); ZeRO-1/2's reduce bucket.
+  prefetched); ZeRO-1/2's reduce bucket; and the update's one fp32 temporary over what one optimizer
+  call steps.
 
 On CPU the measured peak RSS also holds the interpreter, libraries and data; ``benchmarks/memory.py``
 validates the model on differences above a 0.26M-parameter run of the same job (within +-15% at 25M
@@ -138,14 +139,19 @@ def estimate(shape: Shape, setup: str, world: int, workload: Workload = Workload
     activations = b * activation_elements
     logits = 2 * b * tokens * shape.vocab + min(LOGSOFTMAX_BLOCK_BYTES, 4 * tokens * shape.vocab)
 
+    # the update's one fp32 temporary (AdamW's denominator, Lion's direction: pma_dist/functional.py)
+    # over what one optimizer call steps: a sub-group under ZeRO-3, the partition under ZeRO-1/2 and
+    # FSDP2, every parameter under ZeRO-0 and DDP
     if stage == 3:
-        transient = b * min(n, ZERO3_MAX_LIVE) + b * min(n / w, ZERO3_REDUCE_BUCKET) + 4 * min(n / w, ZERO3_SUB_GROUP)
+        stepped = min(n / w, ZERO3_SUB_GROUP)
+        transient = (b * min(n, ZERO3_MAX_LIVE) + b * min(n / w, ZERO3_REDUCE_BUCKET)
+                     + 4 * stepped + 4 * stepped)  # gathered params, bucket, sub-group fp32 grad copy, temporary
     elif setup == "FSDP2":
-        transient = 2 * b * n / shape.layers
+        transient = 2 * b * n / shape.layers + 4 * n / w
     elif stage in (1, 2):
-        transient = b * min(n, ZERO12_REDUCE_BUCKET)
+        transient = b * min(n, ZERO12_REDUCE_BUCKET) + 4 * n / w
     else:
-        transient = 0.0
+        transient = 4.0 * n
     parts = dict(weights=weights, master=master, gradients=gradients, optimizer=optimizer_states,
                  reference=reference, activations=float(activations), logits=float(logits), transient=float(transient))
     parts["total"] = sum(parts.values())
