@@ -371,6 +371,9 @@ def prepare(cfg: TrainConfig) -> Job:
 
     copied = None
     if args.task == "dpo" and cfg.dpo_reference == "copy":
+        if zero3_enabled(cfg):
+            raise ConfigError("--dpo-reference copy with ZeRO-3: the model is partitioned as it loads, so a copy "
+                              "would hold placeholders, not weights; use --dpo-reference cached (the default)")
         copied = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
     device = torch.device(get_accelerator().current_device_name())
