@@ -52,3 +52,26 @@ def test_zero3_job_losses_equal_the_full_load_losses(reports):
     assert new["eval_loss"] == old["eval_loss"]
     assert new["peak_memory_kind"] == "max_rss" and len(new["peak_memory_bytes"]) == 2
     assert all(b > 100 * 2**20 for b in new["peak_memory_bytes"])  # a Python process with torch: > 100 MiB
+
+
+@pytest.fixture(scope="module")
+def fsdp_reports(tmp_path_factory):
+    shared = require_shared_data("models", "stories260K").parents[1]
+    require_shared_data("sft", "alpaca_mix_train.jsonl")
+    out = tmp_path_factory.mktemp("scale_fsdp_load")
+    run_ranks("scale_fsdp_load.py", [out, shared], nproc=2, launcher="torchrun", timeout=600)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_fsdp2_meta_load_fills_shards_equal_to_the_checkpoint(fsdp_reports):
+    for report in fsdp_reports:
+        assert report["meta_after_load"] is True  # nothing materialised before fully_shard
+        assert report["buffers_equal"]  # rotary frequencies survive to_empty
+        for name, p in report["params"].items():
+            assert p["equals_checkpoint"], name
+            assert p["local_numel"] < p["full_numel"], name  # a shard, not the whole tensor
+
+
+def test_fsdp2_job_losses_equal_the_full_load_losses(fsdp_reports):
+    new, old = fsdp_reports[0]["job_sharded_load"], fsdp_reports[0]["job_full_load"]
+    assert new["train"] and new["train"] == old["train"] and new["eval_loss"] == old["eval_loss"]

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, data, fallback, peak_memory, reference
+from . import checkpoints, data, fallback, peak_memory, reference, sharded_load
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -54,7 +54,9 @@ def zero3_enabled(cfg: TrainConfig) -> bool:
 def load_model_and_tokenizer(cfg: TrainConfig):
     """The model in the training dtype, and its tokenizer.
 
-    Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (transformers does so while an
+    Under FSDP2 the parameters are created on the meta device and filled shard by shard after
+    ``fully_shard`` (:mod:`recipes.posttrain.sharded_load`). Under ZeRO-3 the model is built inside
+    ``deepspeed.zero.Init`` (transformers does so while an
     ``HfDeepSpeedConfig`` is alive): every parameter is partitioned as it is created, rank 0 reads the
     checkpoint and each layer is gathered, filled and re-partitioned in turn, so no rank ever holds the
     whole model. The config object lives only for this load: a later job of the same process (a
@@ -74,7 +76,10 @@ def load_model_and_tokenizer(cfg: TrainConfig):
 
             # the optimizer section is not needed to partition parameters (and may name a client optimizer)
             zero3_config = HfDeepSpeedConfig(deepspeed_config(cfg, uses_client_optimizer=True))
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=training_dtype(cfg))
+        if cfg.args.backend == "fsdp":  # parameters on the meta device; build_backend fills the shards
+            model = sharded_load.meta_model(cfg.model, training_dtype(cfg), trust)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=training_dtype(cfg))
     except Exception as exc:  # bad path, offline hub, remote code refused: all end the run here, clearly
         raise ConfigError(f"could not load model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
     finally:
@@ -371,9 +376,10 @@ def prepare(cfg: TrainConfig) -> Job:
 
     copied = None
     if args.task == "dpo" and cfg.dpo_reference == "copy":
-        if zero3_enabled(cfg):
-            raise ConfigError("--dpo-reference copy with ZeRO-3: the model is partitioned as it loads, so a copy "
-                              "would hold placeholders, not weights; use --dpo-reference cached (the default)")
+        if zero3_enabled(cfg) or args.backend == "fsdp":
+            raise ConfigError(f"--dpo-reference copy with {'ZeRO-3' if zero3_enabled(cfg) else '--backend fsdp'}: "
+                              f"the model is loaded sharded, so a copy would hold placeholders, not weights; use "
+                              f"--dpo-reference cached (the default)")
         copied = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
     device = torch.device(get_accelerator().current_device_name())
@@ -485,7 +491,14 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
 def build_backend(cfg: TrainConfig, model):
     """The model wrapped for ``--backend``, with its optimizer (see :mod:`recipes.posttrain.backends`)."""
     if cfg.args.backend != "deepspeed":
-        return build_torch_backend(cfg, model)
+        meta = sharded_load.is_meta(model)
+        backend = build_torch_backend(cfg, model)
+        if meta:
+            from deepspeed.accelerator import get_accelerator
+
+            sharded_load.fill_from_checkpoint(backend.module, cfg.model,
+                                              torch.device(get_accelerator().current_device_name()))
+        return backend
     import deepspeed
 
     client = make_client_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
