@@ -1,14 +1,12 @@
 """Model loading for the setup (recipes/posttrain/trainer.load_model_and_tokenizer), 2 ranks, stories260K.
 
-FSDP2: parameters created on the meta device, sharded, then filled shard by shard, equal the
-checkpoint, the buffers survive, and the job's losses equal the full-load path's (tolerance 0, as below).
-
-
 Under ZeRO-3 every parameter is partitioned as it is created (an empty placeholder plus a half-sized
 shard per rank), gathered it equals the checkpoint tensor exactly (a copy, no arithmetic), bf16
 configs load bf16 weights (the checkpoint rounded to bf16, exactly), and a ZeRO-3 job gives the same
 losses as with the previous full-model load then partition: the same values in the same partitions
-feed the same kernels, so the tolerance is 0.
+feed the same kernels, so the tolerance is 0. Under FSDP2 the parameters are created on the meta
+device, sharded, then filled shard by shard: they equal the checkpoint, the buffers survive, and the
+job's losses equal the full-load path's (tolerance 0, for the same reason).
 """
 import json
 
