@@ -37,7 +37,7 @@ def test_cached_dpo_losses_equal_the_copy_bit_for_bit(setup, tmp_path):
     policy = copy.deepcopy(model)
     copied = reference.ModelReference(copy.deepcopy(model).eval().requires_grad_(False))
     train, scored = _batches(examples)
-    cached = reference.precompute(policy, scored, "cpu", tmp_path / "rank0.pt", key="k")
+    cached = reference.precompute(policy, lambda: scored, "cpu", tmp_path / "rank0.pt", key="k")
     with torch.no_grad():  # the policy moves away from the reference, as training does
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -52,13 +52,13 @@ def test_cached_dpo_losses_equal_the_copy_bit_for_bit(setup, tmp_path):
 def test_cache_is_reused_for_the_same_key_and_recomputed_for_another(setup, tmp_path):
     model, examples = setup
     _, scored = _batches(examples)
-    first = reference.precompute(model, scored, "cpu", tmp_path / "rank0.pt", key="k")
+    first = reference.precompute(model, lambda: scored, "cpu", tmp_path / "rank0.pt", key="k")
 
     class Refuses(torch.nn.Module):
         def forward(self, **_):
             raise AssertionError("the cache should have answered")
 
-    again = reference.precompute(Refuses(), scored, "cpu", tmp_path / "rank0.pt", key="k")
+    again = reference.precompute(Refuses(), lambda: scored, "cpu", tmp_path / "rank0.pt", key="k")
     assert again.table == first.table
     calls = []
 
@@ -67,7 +67,7 @@ def test_cache_is_reused_for_the_same_key_and_recomputed_for_another(setup, tmp_
             calls.append(1)
             return model(**batch)
 
-    other = reference.precompute(Counts(), scored, "cpu", tmp_path / "rank0.pt", key="another model")
+    other = reference.precompute(Counts(), lambda: scored, "cpu", tmp_path / "rank0.pt", key="another model")
     assert len(calls) == len(scored) and other.table == first.table
 
 
@@ -84,6 +84,6 @@ def test_fingerprint_changes_with_the_weights_and_settings(tmp_path):
 def test_a_batch_that_was_not_scored_is_refused(setup, tmp_path):
     model, examples = setup
     _, scored = _batches(examples)
-    cached = reference.precompute(model, scored[:1], "cpu", tmp_path / "rank0.pt", key="k")
+    cached = reference.precompute(model, lambda: scored[:1], "cpu", tmp_path / "rank0.pt", key="k")
     with pytest.raises(KeyError, match="no cached reference log-probability"):
         cached.logprobs(data.collate(examples[-3:], "dpo", 0))

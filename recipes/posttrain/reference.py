@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List
 
 import torch
 import torch.distributed as dist
@@ -99,25 +99,29 @@ def eval_batches(examples, batch_size: int, rank: int, world: int, pad: int) -> 
 
 
 @torch.no_grad()
-def precompute(module: torch.nn.Module, batches: List[dict], device, cache_file: Path, key: str) -> CachedReference:
-    """Score every row of ``batches`` with ``module`` (the initial policy), reusing ``cache_file`` when its key matches.
+def precompute(module: torch.nn.Module, batches: Callable[[], Iterable[dict]], device, cache_file: Path,
+               key: str) -> CachedReference:
+    """Score every row of the batches with ``module`` (the initial policy), reusing ``cache_file`` when its key matches.
 
-    Every rank must call this with the same number of batches: a batch is run on all ranks when any
-    rank lacks one of its rows, because ZeRO-3 and FSDP2 gather parameters collectively in forward.
+    ``batches()`` yields the batches afresh on each call: they are collated twice (once for their
+    digests, once to score those the cache lacks) rather than all held at once, which for a long run
+    would be every micro-batch's tokens. Every rank must yield the same number of batches: a batch is
+    run on all ranks when any rank lacks one of its rows, because ZeRO-3 and FSDP2 gather parameters
+    collectively in forward.
     """
     table: Dict[str, float] = {}
     if cache_file.exists():
         saved = torch.load(cache_file, weights_only=True)
         if saved.get("key") == key:
             table = dict(zip(saved["digests"], saved["logprobs"].tolist()))
-    digests = [row_digests(b) for b in batches]
+    digests = [row_digests(b) for b in batches()]
     needed = torch.tensor([any(d not in table for d in ds) for ds in digests], dtype=torch.int32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(needed)
     was_training = module.training
     module.eval()
     computed = 0
-    for batch, ds, need in zip(batches, digests, needed.tolist()):
+    for batch, ds, need in zip(batches(), digests, needed.tolist()):
         if not need:
             continue
         batch = {k: v.to(device) for k, v in batch.items()}

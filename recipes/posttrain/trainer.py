@@ -414,8 +414,10 @@ def dpo_reference(cfg: TrainConfig, module, copied, sets: Datasets, order, rank:
     if copied is not None:
         return reference.ModelReference(copied.to(device))
     args = cfg.args
-    batches = list(reference.training_batches(sets.train.examples, order, args.micro_steps, rank, pad))
-    batches += list(reference.eval_batches(sets.eval.examples, args.eval_batch_size, rank, world, pad))
+    def batches():
+        yield from reference.training_batches(sets.train.examples, order, args.micro_steps, rank, pad)
+        yield from reference.eval_batches(sets.eval.examples, args.eval_batch_size, rank, world, pad)
+
     dtype = next(module.parameters()).dtype
     key = reference.fingerprint(cfg.model, dtype, world=world, micro_batch_size=cfg.micro_batch_size,
                                 eval_batch_size=args.eval_batch_size, seed=args.seed, max_length=args.max_length,
