@@ -3,6 +3,7 @@
 The cache is filled by the initial policy over exactly the batches the run scores, so every cached
 number is the one the copy computes in the same micro-step from the same weights, inputs and kernels:
 the DPO losses must be equal bit for bit (tolerance 0), and the float64 storage round-trips fp32.
+The last test checks the same on a whole 2-rank job (every train and eval metric equal).
 """
 import copy
 
@@ -87,3 +88,20 @@ def test_a_batch_that_was_not_scored_is_refused(setup, tmp_path):
     cached = reference.precompute(model, lambda: scored[:1], "cpu", tmp_path / "rank0.pt", key="k")
     with pytest.raises(KeyError, match="no cached reference log-probability"):
         cached.logprobs(data.collate(examples[-3:], "dpo", 0))
+
+
+@pytest.mark.slow
+def test_a_2_rank_dpo_job_is_the_same_with_the_cached_reference_and_the_copy(tmp_path):
+    from recipes.posttrain.metrics import read_metrics
+    from tests.launching import run_ranks
+
+    shared = require_shared_data("models", "stories260K").parents[1]
+    require_shared_data("dpo", "hh_rlhf_harmless_base_test_pairs.jsonl")
+    run_ranks("scale_dpo_reference.py", [tmp_path, shared], nproc=2, launcher="torchrun", timeout=600)
+    cached, copied = (read_metrics(tmp_path / m / "metrics.jsonl") for m in ("cached", "copy"))
+    drop = ("wall_clock",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in cached] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in copied]
+    assert any(r["kind"] == "eval" and r["micro_step"] == 8 for r in cached)
+    assert (tmp_path / "cached" / "reference_logprobs" / "rank1.pt").exists()
+    assert not (tmp_path / "copy" / "reference_logprobs").exists()
