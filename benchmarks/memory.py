@@ -3,8 +3,10 @@
 
     python benchmarks/memory.py                       # 2 ranks, ZeRO-3, fp32, SFT and DPO, 3 sizes
     python benchmarks/memory.py --sizes 95m --tasks sft --label before
+    python benchmarks/memory.py --setup FSDP2 --tasks sft --label fsdp2
 
-Each run is ``launch/train.py --zero-stage 3 --micro-batch-size 1 --max-length 128 --micro-steps 4`` on
+Each run is ``launch/train.py --zero-stage 3 --micro-batch-size 1 --max-length 128 --micro-steps 4`` (or
+``--backend fsdp`` instead of ``--zero-stage 3`` with ``--setup FSDP2``) on
 2 CPU ranks (torchrun, gloo), over stories260K (0.26M parameters, the process baseline) and the
 random-init Llamas of ``benchmarks/make_scale_model.py`` (25M, 95M; built under runs/models if absent).
 The measured number is the largest rank's peak RSS from the run's ``summary.json``; bytes per
@@ -27,7 +29,8 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 STORIES = SHARED / "models" / "stories260K"
 DATA = {"sft": SHARED / "sft" / "alpaca_mix_train.jsonl", "dpo": SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl"}
-RUN_FLAGS = ["--zero-stage", "3", "--micro-batch-size", "1", "--max-length", "128", "--micro-steps", "4",
+SETUP_FLAGS = {"ZeRO-3": ["--zero-stage", "3"], "FSDP2": ["--backend", "fsdp"]}
+RUN_FLAGS = ["--micro-batch-size", "1", "--max-length", "128", "--micro-steps", "4",
              "--eval-size", "16", "--eval-batch-size", "16", "--no-progress", "--optimizer", "adamw_pma",
              "--period", "4"]
 MiB = 2**20
@@ -60,21 +63,21 @@ def parameter_count(path: Path) -> int:
     return total
 
 
-def modelled(size: str, task: str, nproc: int, reference: str) -> float:
-    """pma_dist.memory's peak for the run's setting (ZeRO-3 fp32, AdamW moments, 1 x 128 tokens)."""
+def modelled(size: str, task: str, nproc: int, reference: str, setup: str = "ZeRO-3") -> float:
+    """pma_dist.memory's peak for the run's setting (fp32, AdamW moments, 1 x 128 tokens)."""
     from pma_dist import memory
 
     shape = memory.SHAPES[{"260k": "stories260K", "25m": "llama_25m", "95m": "llama_95m"}[size]]
     work = memory.Workload(task=task, micro_batch=1, seq_len=128, dpo_reference=reference)
-    return memory.estimate(shape, "ZeRO-3", nproc, work, dtype="float32")["total"]
+    return memory.estimate(shape, setup, nproc, work, dtype="float32")["total"]
 
 
-def run_one(model: Path, task: str, out: Path, nproc: int, timeout: float, extra) -> dict:
+def run_one(model: Path, task: str, out: Path, nproc: int, timeout: float, extra, setup: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "launch" / "train.py"), "--task", task, "--model", str(model), "--train-data",
-           str(DATA[task]), "--output-dir", str(out), *RUN_FLAGS, *extra]
+           str(DATA[task]), "--output-dir", str(out), *SETUP_FLAGS[setup], *RUN_FLAGS, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "memory"))
     p.add_argument("--label", default="current", help="name of this set of measurements (before/after)")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--setup", choices=sorted(SETUP_FLAGS), default="ZeRO-3")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more launch/train.py flags")
     args = p.parse_args(argv)
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
     for task in args.tasks:
         for size in ["260k", *args.sizes]:
             path = model_dir(size, models)
-            summary = run_one(path, task, out / args.label / f"{task}_{size}", args.nproc, args.timeout, args.extra)
+            summary = run_one(path, task, out / args.label / f"{task}_{size}", args.nproc, args.timeout, args.extra,
+                              args.setup)
             peaks = summary["peak_memory_bytes"]
             rows.append(dict(task=task, size=size, model=str(path), parameters=parameter_count(path),
                              peak_bytes_per_rank=peaks, peak_bytes=max(peaks), kind=summary["peak_memory_kind"]))
@@ -110,8 +115,8 @@ def main(argv=None) -> int:
         row["bytes_per_parameter"] = ((row["peak_bytes"] - base["peak_bytes"]) / extra_params
                                       if extra_params else None)
         row["measured_above_base"] = row["peak_bytes"] - base["peak_bytes"]
-        row["modelled_above_base"] = modelled(row["size"], row["task"], args.nproc, reference) - modelled(
-            "260k", row["task"], args.nproc, reference)
+        row["modelled_above_base"] = modelled(row["size"], row["task"], args.nproc, reference, args.setup) - modelled(
+            "260k", row["task"], args.nproc, reference, args.setup)
         row["model_error"] = (row["modelled_above_base"] / row["measured_above_base"] - 1
                               if extra_params else None)
     print(f"\n{'task':4} {'model':5} {'params':>12} {'peak MiB':>9} {'B/param':>8} {'above base MiB':>15} "
@@ -130,7 +135,8 @@ def main(argv=None) -> int:
             extra = by[("dpo", size)]["bytes_per_parameter"] - by[("sft", size)]["bytes_per_parameter"]
             print(f"DPO over SFT at {size}: {extra:+.1f} bytes/parameter")
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(label=args.label, command=" ".join(RUN_FLAGS + args.extra), nproc=args.nproc, rows=rows,
+    result = dict(label=args.label, setup=args.setup, nproc=args.nproc, rows=rows,
+                  command=" ".join(SETUP_FLAGS[args.setup] + RUN_FLAGS + args.extra),
                   model_tolerance=MODEL_TOLERANCE,
                   model_within_tolerance=all(abs(r["model_error"]) <= MODEL_TOLERANCE for r in rows
                                              if r["model_error"] is not None))
