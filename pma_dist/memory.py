@@ -28,8 +28,10 @@
   call steps.
 
 On CPU the measured peak RSS also holds the interpreter, libraries and data; ``benchmarks/memory.py``
-validates the model on differences above a 0.26M-parameter run of the same job (within +-15% at 25M
-and 95M parameters). GPU peaks are modelled, not measured.
+checks the model on differences above a 0.26M-parameter run of the same job at 25M and 95M parameters
+(docs/BENCHMARKS.md: within +-15% for SFT under ZeRO-3 and FSDP2; DPO outside it at one size each).
+The parts are summed, although under FSDP2 the activations are gone when the update's temporary exists.
+GPU peaks are modelled, not measured.
 """
 from __future__ import annotations
 

@@ -385,7 +385,7 @@ def format_projection_markdown(projection: dict) -> str:
     lines += ["", f"Peak GB/GPU: pma_dist.memory (model states, activations, logits, ZeRO/FSDP transients; DPO "
                   f"with the cached reference), '(ckpt)' with activation checkpointing; a value marked * does not "
                   f"fit in {100 * MEMORY_HEADROOM:.0f}% of {t.get('gpu', {}).get('memory_gb', '?')} GB. Modelled, "
-                  f"not measured on a GPU; the model is validated against CPU peak RSS at 25M and 95M "
-                  f"parameters (benchmarks/memory.py).",
+                  f"not measured on a GPU; the model is checked against CPU peak RSS at 25M and 95M "
+                  f"parameters (benchmarks/memory.py, docs/BENCHMARKS.md).",
               "", f"Paper: {projection['paper_claim']}."]
     return "\n".join(lines)
