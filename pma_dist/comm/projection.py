@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from .. import memory
 from ..kernels.compiled import STEP_BYTES_PER_PARAM
 from .topology import Topology, load_topology
 
@@ -36,6 +37,10 @@ from .topology import Topology, load_topology
 # counts from the models' published configs. Layers set FSDP2's units (one fully_shard per layer).
 MODEL_SIZES = {"0.5B (Qwen2-0.5B)": 494_032_768, "2.7B (Phi-2)": 2_779_683_840, "7B (Llama-2-7B)": 6_738_415_616}
 MODEL_LAYERS = {"0.5B (Qwen2-0.5B)": 24, "2.7B (Phi-2)": 32, "7B (Llama-2-7B)": 32}
+#: the shapes the memory model (pma_dist.memory) needs for the "fits" check
+MODEL_SHAPES = {"0.5B (Qwen2-0.5B)": "Qwen2-0.5B", "2.7B (Phi-2)": "Phi-2 2.7B", "7B (Llama-2-7B)": "Llama-2-7B"}
+#: share of the GPU memory the modelled peak may use (the rest: CUDA context, allocator cache, fragmentation)
+MEMORY_HEADROOM = 0.9
 DEFAULT_LAYERS = 32
 #: the set-ups priced: DeepSpeed ZeRO 0-3, PyTorch FSDP2 (one unit per layer) and DDP
 SETUPS = ("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2", "DDP")
@@ -179,6 +184,27 @@ def model_period_records(setup: str, world_size: int, period: int, dtype: str, p
     return records
 
 
+def memory_fit(label: str, setup: str, world: int, dtype: str, a: "Assumptions", memory_gb: float) -> dict:
+    """Modelled peak GB per GPU (pma_dist.memory) for SFT and DPO (cached reference), with and without
+    activation checkpointing; ``fits`` is SFT without checkpointing within :data:`MEMORY_HEADROOM`.
+    A model without a known shape falls back to its model states alone (``memory_model`` False)."""
+    if label not in MODEL_SHAPES:
+        state_gb = model_state_gb(MODEL_SIZES.get(label, 0), setup, world)
+        return {"memory_model": False, "fits": state_gb < MEMORY_HEADROOM * memory_gb}
+    shape = memory.SHAPES[MODEL_SHAPES[label]]
+    peaks = {}
+    for task in ("sft", "dpo"):
+        for checkpointing in (False, True):
+            work = memory.Workload(task=task, micro_batch=a.micro_batch_sequences, seq_len=a.sequence_length,
+                                   activation_checkpointing=checkpointing)
+            peaks[task + ("_ac" if checkpointing else "")] = (
+                memory.estimate(shape, setup, world, work, dtype=dtype)["total"] / 1e9)
+    limit = MEMORY_HEADROOM * memory_gb
+    return {"memory_model": True, "peak_gb_per_gpu": peaks,
+            "fits": peaks["sft"] <= limit, "fits_with_checkpointing": peaks["sft_ac"] <= limit,
+            "dpo_fits": peaks["dpo"] <= limit, "dpo_fits_with_checkpointing": peaks["dpo_ac"] <= limit}
+
+
 def _default_traffic() -> TrafficModel:
     return model_period_records
 
@@ -208,7 +234,8 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
             state_gb = model_state_gb(params, setup, world)
             row = {"model": label, "params": params, "setup": setup,
                    "zero_stage": int(setup[-1]) if setup.startswith("ZeRO-") else None,
-                   "model_state_gb_per_gpu": state_gb, "fits": state_gb < topology.gpu.memory_gb}
+                   "model_state_gb_per_gpu": state_gb}
+            row.update(memory_fit(label, setup, world, dtype, a, topology.gpu.memory_gb))
             for name, pma in (("ga", False), ("pma", True)):
                 records = traffic(setup, world, period, dtype, params, pma,
                                   layers=MODEL_LAYERS.get(label, DEFAULT_LAYERS))
@@ -302,7 +329,7 @@ def recommendations(projection: dict) -> List[dict]:
         winners = [r for r in candidates if r["overhead_overlapped_pct"] - best["overhead_overlapped_pct"] < 0.1]
         names = " and ".join(r["setup"] for r in winners)
         others = ", ".join(f"{r['setup']} {r['overhead_overlapped_pct']:+.1f}%"
-                           + ("" if r["fits"] else " (model states do not fit)")
+                           + ("" if r["fits"] else " (does not fit: memory model)")
                            for r in rows if r["model"] == model and r not in winners)
         out.append({"option": names,
                     "text": f"{model} on {topo}, K={k}: {names} pay{'s' if len(winners) == 1 else ''} least for PMA, "
@@ -356,6 +383,16 @@ def recommendations(projection: dict) -> List[dict]:
     return out
 
 
+def _peaks(row: dict) -> str:
+    peaks = row.get("peak_gb_per_gpu")
+    if not peaks:
+        return "n/a"
+    limit_ok = {"sft": row["fits"], "sft_ac": row["fits_with_checkpointing"], "dpo": row["dpo_fits"],
+                "dpo_ac": row["dpo_fits_with_checkpointing"]}
+    cell = {k: f"{v:.1f}" + ("" if limit_ok[k] else "*") for k, v in peaks.items()}
+    return f"{cell['sft']} ({cell['sft_ac']}) / {cell['dpo']} ({cell['dpo_ac']})"
+
+
 def format_projection_markdown(projection: dict) -> str:
     t = projection["topology"]
     a = projection["assumptions"]
@@ -369,16 +406,20 @@ def format_projection_markdown(projection: dict) -> str:
         f"({PMA_PATH_NOTE[a['pma_optimizer_path']]}), at {100 * a['memory_efficiency']:.0f}% of memory bandwidth; "
         f"{a['overlap']}.",
         "",
-        "| model | set-up | states GB/GPU | compute s/period | GA comm s/period | PMA comm s/period | "
-        "PMA extra opt s | overhead serial | overhead overlapped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | set-up | states GB/GPU | peak GB/GPU SFT (ckpt) / DPO (ckpt) | compute s/period | "
+        "GA comm s/period | PMA comm s/period | PMA extra opt s | overhead serial | overhead overlapped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in projection["rows"]:
-        fits = "" if r["fits"] else " (does not fit)"
         lines.append(
-            f"| {r['model']} | {r['setup']} | {r['model_state_gb_per_gpu']:.1f}{fits} | "
+            f"| {r['model']} | {r['setup']} | {r['model_state_gb_per_gpu']:.1f} | {_peaks(r)} | "
             f"{r['ga']['compute_s']:.3g} | {r['ga']['comm_s']:.3g} | {r['pma']['comm_s']:.3g} | "
             f"{r['pma']['optimizer_s'] - r['ga']['optimizer_s']:.3g} | {r['overhead_serial_pct']:+.1f}% | "
             f"{r['overhead_overlapped_pct']:+.1f}% |")
-    lines += ["", f"Paper: {projection['paper_claim']}."]
+    lines += ["", f"Peak GB/GPU: pma_dist.memory (model states, activations, logits, ZeRO/FSDP transients; DPO "
+                  f"with the cached reference), '(ckpt)' with activation checkpointing; a value marked * does not "
+                  f"fit in {100 * MEMORY_HEADROOM:.0f}% of {t.get('gpu', {}).get('memory_gb', '?')} GB. Modelled, "
+                  f"not measured on a GPU; the model is checked against CPU peak RSS at 25M and 95M "
+                  f"parameters (benchmarks/memory.py, docs/BENCHMARKS.md).",
+              "", f"Paper: {projection['paper_claim']}."]
     return "\n".join(lines)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code (off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--dpo-reference", choices=("cached", "copy"), default="cached",
+                   help="DPO reference: log-probs of the initial model precomputed once and cached next to the run "
+                        "(default), or a frozen full model copy on every rank (recipes/posttrain/reference.py)")
     p.add_argument("--log-update-variance", action="store_true", help="log last-layer update variance")
     p.add_argument("--variance-window", type=int, default=8,
                    help="measured updates (each over K, or --variance-every, micro-steps) per variance window")
@@ -145,6 +148,7 @@ class JobSettings:
     trust_checkpoint: bool
     trust_remote_code: bool
     beta: float
+    dpo_reference: str  # "cached" (precomputed log-probs) or "copy" (a frozen model on every rank)
     log_update_variance: bool
     variance_window: int
     variance_every: Optional[int]
@@ -194,6 +198,10 @@ class TrainConfig:
     @property
     def is_pma(self) -> bool:
         return self.method.is_pma
+
+    @property
+    def dpo_reference(self) -> str:
+        return self.settings.dpo_reference
 
     @property
     def checkpoint_format(self) -> str:

@@ -15,14 +15,61 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX
 
 
+# rows of the vocabulary scored at a time: a 64 MiB fp32 block whatever the vocabulary size
+CHUNK_ELEMENTS = 2**24
+
+
+class _SelectedLogprobs(torch.autograd.Function):
+    """``log_softmax(x)[target]`` for rows of ``x`` (``(rows, vocab)``, any float dtype), in fp32 or wider.
+
+    The full log-softmax over ``rows x vocab`` is never built: each block of rows yields its
+    log-sum-exp and the target logit, and only the ``rows``-long log-sum-exp is kept for backward,
+    which rebuilds the block's softmax from it. Peak extra memory is one fp32 block, not a fp32
+    copy of all logits (``torch.log_softmax`` on bf16 logits upcast first would keep one for backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, targets):
+        out_dtype = torch.promote_types(x.dtype, torch.float32)
+        rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[-1]))
+        lse = torch.empty(x.shape[0], dtype=out_dtype, device=x.device)
+        picked = torch.empty(x.shape[0], dtype=out_dtype, device=x.device)
+        for start in range(0, x.shape[0], rows):
+            block = x[start:start + rows].to(out_dtype)
+            lse[start:start + rows] = torch.logsumexp(block, dim=-1)
+            picked[start:start + rows] = block.gather(-1, targets[start:start + rows, None]).squeeze(-1)
+        ctx.save_for_backward(x, targets, lse)
+        ctx.rows = rows
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, targets, lse = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        for start in range(0, x.shape[0], ctx.rows):
+            stop = start + ctx.rows
+            g = grad[start:stop, None].to(lse.dtype)
+            # d/dx (x_t - lse) = onehot(t) - softmax(x)
+            block = torch.exp(x[start:stop].to(lse.dtype) - lse[start:stop, None]).mul_(-g)
+            block.scatter_add_(-1, targets[start:stop, None], g)
+            grad_x[start:stop] = block.to(x.dtype)
+        return grad_x, None
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits, -1).gather(-1, targets)`` without materialising the log-softmax; fp32 at least."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _SelectedLogprobs.apply(flat, targets.reshape(-1)).view(targets.shape)
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor):
     """Log-probability of each next token and the mask of positions that count (shifted by one)."""
-    logits = logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax over the vocabulary in fp32 at least
-        logits = logits.float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # position t predicts token t+1; dropping the last position before the (contiguous) reshape in
+    # selected_logprobs would copy the logits, so every position is scored and the last one discarded
+    shifted = torch.cat([targets.clamp(min=0), targets.new_zeros(targets.shape[0], 1)], dim=1)
+    logp = selected_logprobs(logits, shifted)[:, :-1]
     return logp * mask, mask
 
 

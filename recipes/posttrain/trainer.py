@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from pma_dist import distributed
 
-from . import checkpoints, data, fallback, run_dir
+from . import checkpoints, data, fallback, peak_memory, reference, run_dir, sharded_load
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
 from .metrics import MetricsLog, UpdateVariance
+from .zero_memory import with_zero3_bounds
 
 
 # ------------------------------------------------------------------------------ setup
@@ -35,18 +36,57 @@ def _say(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+def training_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the weights are loaded in: the DeepSpeed config's ``bf16`` / ``fp16`` section, else fp32.
+
+    DeepSpeed's bf16/fp16 engines keep their own fp32 master copy in the optimizer, so loading the
+    module in fp32 first would only add a transient full-precision copy. FSDP2 and DDP runs train in fp32.
+    """
+    ds = cfg.ds_config if cfg.settings.backend == "deepspeed" else {}
+    if (ds.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def zero3_enabled(cfg: TrainConfig) -> bool:
+    return cfg.settings.backend == "deepspeed" and int((cfg.ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
+    """The model in the training dtype, and its tokenizer.
+
+    Under FSDP2 the parameters are created on the meta device and filled shard by shard after
+    ``fully_shard`` (:mod:`recipes.posttrain.sharded_load`). Under ZeRO-3 the model is built inside
+    ``deepspeed.zero.Init`` (transformers does so while an
+    ``HfDeepSpeedConfig`` is alive): every parameter is partitioned as it is created, rank 0 reads the
+    checkpoint and each layer is gathered, filled and re-partitioned in turn, so no rank ever holds the
+    whole model. The config object lives only for this load: a later job of the same process (a
+    benchmark) may not be ZeRO-3.
+    """
     if cfg.fallback:
         tokenizer = fallback.char_tokenizer()
         return fallback.tiny_llama(len(tokenizer), cfg.settings.seed), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = cfg.settings.trust_remote_code
+    zero3_config = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=torch.float32)
+        if zero3_enabled(cfg):
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # the optimizer section is not needed to partition parameters (and may name a client optimizer)
+            zero3_config = HfDeepSpeedConfig(deepspeed_config(cfg, uses_client_optimizer=True))
+        if cfg.settings.backend == "fsdp":  # parameters on the meta device; build_backend fills the shards
+            model = sharded_load.meta_model(cfg.model, training_dtype(cfg), trust)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, trust_remote_code=trust, dtype=training_dtype(cfg))
     except Exception as exc:  # bad path, offline hub, remote code refused: all end the run here, clearly
         raise ConfigError(f"could not load model {cfg.model!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        del zero3_config  # transformers holds only a weak reference: ZeRO-3 loading ends here
     return model, tokenizer
 
 
@@ -120,7 +160,7 @@ def _config_knows_pma() -> bool:
 
 
 def deepspeed_config(cfg: TrainConfig, uses_client_optimizer: bool) -> dict:
-    ds = copy.deepcopy(cfg.ds_config)
+    ds = with_zero3_bounds(cfg.ds_config)  # a copy
     if uses_client_optimizer:
         ds.pop("optimizer", None)
     else:
@@ -154,7 +194,8 @@ def _full_weight(param) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ loop pieces
 class Objective:
-    """Loss of a batch for the task (and the frozen reference model for DPO)."""
+    """Loss of a batch for the task; for DPO, ``reference`` gives the frozen reference's log-probabilities
+    (:mod:`recipes.posttrain.reference`: cached ones by default, or a model copy)."""
 
     def __init__(self, task: str, beta: float, reference=None):
         self.task, self.beta, self.reference = task, beta, reference
@@ -167,9 +208,7 @@ class Objective:
 
     def _dpo(self, logits, batch):
         logp = sequence_logprobs(logits, batch["labels"])
-        with torch.no_grad():
-            ref_logits = self.reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            ref = sequence_logprobs(ref_logits, batch["labels"])
+        ref = self.reference.logprobs(batch).to(logp.dtype)
         n = logp.shape[0] // 2
         return dpo_terms(logp[:n], logp[n:], ref[:n], ref[n:], self.beta)
 
@@ -352,6 +391,8 @@ def prepare(cfg: TrainConfig) -> Job:
         distributed.collective_timeout(args.collective_timeout)
     except ValueError as exc:  # a bad $PMA_DIST_COLLECTIVE_TIMEOUT
         raise ConfigError(str(exc)) from None
+    if get_accelerator().device_name() == "cpu":
+        peak_memory.bound_host_allocator()  # host RSS then tracks live tensors (see peak_memory)
     _join_process_group(args.backend, args.collective_timeout)
     watchdog = distributed.start_watchdog(args.collective_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -373,20 +414,22 @@ def prepare(cfg: TrainConfig) -> Job:
     _say(rank, sets.eval.report())
     order = data.MicroBatchOrder(len(sets.train.examples), cfg.micro_batch_size, world, args.seed)
 
-    reference = None
-    if args.task == "dpo":
-        # the frozen reference is a plain eval-mode copy on every rank (small models; see docs)
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    copied = None
+    if args.task == "dpo" and cfg.dpo_reference == "copy":
+        if zero3_enabled(cfg) or args.backend == "fsdp":
+            raise ConfigError(f"--dpo-reference copy with {'ZeRO-3' if zero3_enabled(cfg) else '--backend fsdp'}: "
+                              f"the model is loaded sharded, so a copy would hold placeholders, not weights; use "
+                              f"--dpo-reference cached (the default)")
+        copied = copy.deepcopy(model).eval().requires_grad_(False)
     engine = build_backend(cfg, model)
     if cfg.nonfinite == "skip":
         engine.optimizer.skip_nonfinite = True  # a PMAOptimizer: resolve() refused the others
     device = torch.device(get_accelerator().current_device_name())
-    if reference is not None:
-        reference.to(device)
+    ref_source = dpo_reference(cfg, engine.module, copied, sets, order, rank, world, pad_id(tokenizer), device, out)
 
     job = Job(cfg=cfg, rank=rank, world=world, out=out, ckpt_dir=ckpt_dir, resume_tag=resume_tag, sets=sets,
               order=order, pad=pad_id(tokenizer), engine=engine, device=device,
-              objective=Objective(args.task, args.beta, reference),
+              objective=Objective(args.task, args.beta, ref_source),
               metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
               variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
                         if args.log_update_variance else None),
@@ -405,6 +448,28 @@ def prepare(cfg: TrainConfig) -> Job:
     if job.variance is not None:
         job.variance.observe(_full_weight(job.head))
     return job
+
+
+def dpo_reference(cfg: TrainConfig, module, copied, sets: Datasets, order, rank: int, world: int, pad: int,
+                  device, out: Path):
+    """The DPO reference (None for SFT): ``copied`` moved to the device, or the initial policy ``module``'s
+    log-probabilities over every batch the run will score, cached under ``out`` (before any checkpoint
+    is loaded, so it is the initial model even on ``--resume``)."""
+    if cfg.settings.task != "dpo":
+        return None
+    if copied is not None:
+        return reference.ModelReference(copied.to(device))
+    args = cfg.settings
+
+    def batches():
+        yield from reference.training_batches(sets.train.examples, order, args.micro_steps, rank, pad)
+        yield from reference.eval_batches(sets.eval.examples, args.eval_batch_size, rank, world, pad)
+
+    dtype = next(module.parameters()).dtype
+    key = reference.fingerprint(cfg.model, dtype, world=world, micro_batch_size=cfg.micro_batch_size,
+                                eval_batch_size=args.eval_batch_size, seed=args.seed, max_length=args.max_length,
+                                overlong=args.overlong, backend=args.backend)
+    return reference.precompute(module, batches, device, out / "reference_logprobs" / f"rank{rank}.pt", key)
 
 
 def train_loop(job: Job) -> Optional[dict]:
@@ -473,7 +538,7 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
                    wall_clock=job.wall, seed=args.seed, **ran_with(job), model=cfg.model, train_data=cfg.train_data,
                    train_records=len(job.sets.train.examples), truncated=job.sets.train.truncated,
                    skipped=job.sets.train.skipped, resumed_from=job.resume_tag, nonfinite=cfg.nonfinite,
-                   nonfinite_steps_skipped=job.skipped_steps, **last_eval)
+                   nonfinite_steps_skipped=job.skipped_steps, **last_eval, **peak_memory.peak_per_rank(job.device))
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
     job.engine.release()
@@ -493,7 +558,14 @@ def ran_with(job: Job) -> dict:
 def build_backend(cfg: TrainConfig, model):
     """The model wrapped for ``--backend``, with its optimizer (see :mod:`recipes.posttrain.backends`)."""
     if cfg.settings.backend != "deepspeed":
-        return build_torch_backend(cfg, model)
+        meta = sharded_load.is_meta(model)
+        backend = build_torch_backend(cfg, model)
+        if meta:
+            from deepspeed.accelerator import get_accelerator
+
+            sharded_load.fill_from_checkpoint(backend.module, cfg.model,
+                                              torch.device(get_accelerator().current_device_name()))
+        return backend
     import deepspeed
 
     client = make_client_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
