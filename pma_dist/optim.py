@@ -340,7 +340,7 @@ class PMAOptimizer(torch.optim.Optimizer):
             params, grads, moments = self._collect(group, t - 1)
             if not params or self._setup_depth:
                 continue
-            phase = PMAPhase(step=t, period=group["period"], lr_decay=group["lr_decay"])
+            phase = PMAPhase(step=t, period=group["period"], lr_decay=group.get("lr_decay", "none"))  # AdaPM has none
             params_l, grads_l, moments_l = _local_shards(params, grads, moments)
             if group["foreach"] is False:
                 for i, (p, g) in enumerate(zip(params_l, grads_l)):

@@ -146,6 +146,8 @@ def test_optimizer_cls_and_kwargs_takes_names_from_the_method_table():
         optimizer_cls_and_kwargs("adamw_pma", lr=1e-3)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=K"):
         optimizer_cls_and_kwargs("adamw_ga", period=8)
+    with pytest.raises(ValueError, match=r"adapm: AdaPM chooses each block's momentum by parameter name.*optimizers="):
+        optimizer_cls_and_kwargs("adapm", period=4)
     with pytest.raises(ValueError, match="unknown training method 'adamw-pma'"):
         optimizer_cls_and_kwargs("adamw-pma", period=8)
     cls, kwargs = optimizer_cls_and_kwargs("adamw_pma", lr=1e-3, period=8)

@@ -54,6 +54,10 @@ def optimizer_cls_and_kwargs(name: str, **hyper_parameters) -> Tuple[type, dict]
     keywords (``lr``, ``betas``, ``eps``, ``weight_decay``, ...) go to the optimizer unchanged.
     """
     method = get_method(name)
+    if method.named_params:
+        raise ValueError(f"{name}: AdaPM chooses each block's momentum by parameter name, which the Trainer's "
+                         f"(class, kwargs) hook cannot pass; build it yourself and hand it over: "
+                         f"Trainer(optimizers=(pma_dist.AdaPM(model.named_parameters(), period=K, ...), None))")
     hyper = dict(hyper_parameters)
     period = hyper.pop("period", None)
     if method.is_pma:
