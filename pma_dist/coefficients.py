@@ -3,7 +3,7 @@
 Every execution path reads them from here: the per-tensor and foreach paths of :mod:`pma_dist.functional`
 pass them to torch ops, the fused kernel (:mod:`pma_dist.kernels`) takes them as plain numbers and,
 rounding each to float where torch would, reproduces the foreach path bit for bit
-(``tests/test_fast_paths.py``).
+(``tests/test_kernels.py``).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ torch's narrower levels round differently (its plain level, like the kernel's, h
 a narrower level on a wider CPU, set torch's own switch before starting Python,
 ``ATEN_CPU_CAPABILITY=avx2`` or ``=default``: torch and the kernel (a separate extension,
 ``pma_dist_cpu_kernels_avx2`` / ``_default``) both take it. The tests use it to check every level a
-machine can run (``tests/test_fast_paths.py``).
+machine can run (``tests/test_kernels.py``).
 
 Nothing here raises at import: :func:`load_cpu_kernels` returns the module or raises
 :class:`FusedKernelUnavailable` with the reason (no compiler, build error, unsupported platform), and

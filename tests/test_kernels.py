@@ -482,7 +482,7 @@ def offload_results(tmp_path_factory):
     from tests.launching import run_ranks
 
     out = tmp_path_factory.mktemp("offload") / "results.json"
-    run_ranks("fast_paths_offload.py", [out], nproc=2, launcher="torchrun", timeout=400)
+    run_ranks("kernels_offload.py", [out], nproc=2, launcher="torchrun", timeout=400)
     return json.loads(out.read_text())
 
 

@@ -3,9 +3,9 @@
 For ZeRO-2 and ZeRO-3 with ``offload_optimizer: cpu``, and for AdamWPMA and LionPMA built from the
 config (``optimizer.type``), trains the same deep linear net twice, with no ``fused`` key (the
 default, as in the shipped ``ds_configs/*offload*``) and with ``fused: false``, and records the largest relative parameter difference, how many times the fused kernel ran
-and on which tensors (DeepSpeed's fp32 CPU partitions). ``tests/test_fast_paths.py`` asserts on it.
+and on which tensors (DeepSpeed's fp32 CPU partitions). ``tests/test_kernels.py`` asserts on it.
 
-Usage: ``torchrun --nproc_per_node=2 fast_paths_offload.py OUT.json``
+Usage: ``torchrun --nproc_per_node=2 kernels_offload.py OUT.json``
 """
 from __future__ import annotations
 
