@@ -482,7 +482,9 @@ def train_loop(job: Job) -> Optional[dict]:
 
         progress = tqdm(total=args.micro_steps, initial=job.start, desc=f"{args.task} {cfg.optimizer} K={cfg.period}",
                         unit="micro", mininterval=2.0, dynamic_ncols=True)
-    window_loss, window_n = 0.0, 0
+    # the window's losses stay on the device ([sum of finite losses, their count, non-finite count]): reading
+    # a loss to the host every micro-step would synchronise an accelerator that often; it is read at log time
+    window = torch.zeros(3, dtype=torch.float64, device=job.device)
     engine.train()
     for micro in range(job.start, args.micro_steps):
         began = time.perf_counter()
@@ -492,23 +494,25 @@ def train_loop(job: Job) -> Optional[dict]:
             job.watchdog.progress = f"micro-step {micro}"
         loss = engine.micro_step(lambda model: job.objective.loss(model, batch))
         job.wall += time.perf_counter() - began
-        value = loss.item()
-        if math.isfinite(value):  # a non-finite one was skipped by the guard, or stops the run below
-            window_loss += value
-            window_n += 1
-        elif cfg.nonfinite == "stop":
-            raise FloatingPointError(f"train loss is {value} at micro-step {micro + 1} on rank {job.rank}: lower "
-                                     f"--lr (or pass --nonfinite skip to skip such steps)")
+        # a non-finite loss was skipped by the guard (--nonfinite skip), or stops the run at the log line
+        finite = torch.isfinite(loss.detach()).to(torch.float64)
+        window += torch.stack([torch.nan_to_num(loss.detach().to(torch.float64)) * finite, finite, 1 - finite])
         done = micro + 1
         if progress is not None:
             progress.update(1)
         if job.variance is not None and job.variance.due(done):
             stats = job.variance.observe(_full_weight(job.head))
             if stats is not None:
+                local_sum, local_n, _ = window.tolist()
                 job.metrics.write(kind="update_variance", **job.stamp(done),
-                                  train_loss=window_loss / max(window_n, 1), **stats)
+                                  train_loss=local_sum / max(local_n, 1), **stats)
         if done % cfg.log_every == 0 or done == args.micro_steps:
-            mean = _all_reduce_sum(torch.tensor([window_loss, float(window_n)], dtype=torch.float64), job.device)
+            local_nonfinite = int(window[2].item())
+            if local_nonfinite and cfg.nonfinite == "stop":
+                raise FloatingPointError(f"train loss was not finite in {local_nonfinite} micro-step(s) up to "
+                                         f"micro-step {done} on rank {job.rank}: lower --lr (or pass --nonfinite "
+                                         f"skip to skip such steps)")
+            mean = _all_reduce_sum(window[:2].clone(), job.device)
             train_loss = (mean[0] / mean[1]).item() if mean[1] > 0 else float("nan")
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train loss is {train_loss} at micro-step {done} (no finite micro-batch "
@@ -517,7 +521,7 @@ def train_loop(job: Job) -> Optional[dict]:
                               nonfinite_steps_skipped=job.skipped_steps)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            window_loss, window_n = 0.0, 0
+            window.zero_()
         if (args.eval_every and done % args.eval_every == 0) or done == args.micro_steps:
             last_eval = job.evaluate(done)
         if args.save_every and (done % args.save_every == 0 or done == args.micro_steps):
