@@ -1,6 +1,6 @@
 """The training methods pma-dist compares, in one table: one spelling each, everywhere a user sees it.
 
-A method is an optimizer family (AdamW or Lion) and a way of spending K micro-batches:
+A method is an optimizer family (AdamW or Lion; AdaPM counts as AdamW) and a way of spending K micro-batches:
 
 ======================  =========================================  ===================================
 name                    what it is                                 schedule over K micro-batches
@@ -8,7 +8,7 @@ name                    what it is                                 schedule over
 ``adamw_pma``           AdamW-PMA, ``variant="paper"`` (default)   K optimizer steps, a PMA period
 ``adamw_pma_reference`` AdamW-PMA, ``variant="reference"``         K optimizer steps, a PMA period
 ``lion_pma``            Lion-PMA                                   K optimizer steps, a PMA period
-``adapm``               AdaPM composed with PMA (``docs/adapm.md``)  K optimizer steps, a PMA period
+``adapm``               AdaPM with a PMA period (docs/adapm.md)    K optimizer steps, a PMA period
 ``adamw_ga``            ``torch.optim.AdamW`` + accumulation       1 optimizer step (AdamW-K)
 ``lion_ga``             Lion + accumulation                        1 optimizer step (Lion-K)
 ``adamw``               ``torch.optim.AdamW``, no accumulation     K optimizer steps, each plain
