@@ -326,3 +326,13 @@ def eval_batches(examples: Sequence[dict], batch_size: int, rank: int, world_siz
     mine = list(examples[rank::world_size])
     for start in range(0, len(mine), batch_size):
         yield mine[start : start + batch_size]
+
+
+def lockstep_eval_batches(examples: Sequence[dict], batch_size: int, rank: int, world_size: int):
+    """``(batch, counts)`` for as many batches as rank 0 has (the most): FSDP2 and ZeRO-3 all-gather
+    parameters in every forward, so every rank must run as many forwards; a rank's extra ones repeat
+    the first example and have ``counts`` False (their results are discarded)."""
+    mine = list(eval_batches(examples, batch_size, rank, world_size))
+    most = len(list(eval_batches(examples, batch_size, 0, world_size)))
+    for index in range(most):
+        yield (mine[index], True) if index < len(mine) else (list(examples[:1]), False)

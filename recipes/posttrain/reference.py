@@ -92,10 +92,8 @@ def training_batches(examples, order: data.MicroBatchOrder, micro_steps: int, ra
 
 def eval_batches(examples, batch_size: int, rank: int, world: int, pad: int) -> Iterable[dict]:
     """The batches ``trainer.evaluate`` scores on this rank (with its padding forwards, so counts match)."""
-    mine = list(data.eval_batches(examples, batch_size, rank, world))
-    most = len(list(data.eval_batches(examples, batch_size, 0, world)))
-    for index in range(most):
-        yield data.collate(mine[index] if index < len(mine) else list(examples[:1]), "dpo", pad)
+    for chunk, _ in data.lockstep_eval_batches(examples, batch_size, rank, world):
+        yield data.collate(chunk, "dpo", pad)
 
 
 @torch.no_grad()

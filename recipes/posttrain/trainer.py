@@ -241,17 +241,12 @@ def evaluate(engine, objective: Objective, examples, cfg: TrainConfig, pad: int,
     rank, world = dist.get_rank(), dist.get_world_size()
     width = 2 if cfg.settings.task == "sft" else 4
     sums = torch.zeros(width, dtype=torch.float64)
-    batches = list(data.eval_batches(examples, cfg.settings.eval_batch_size, rank, world))
-    # FSDP2 and ZeRO-3 all-gather parameters in every forward, so every rank must run as many
-    # forwards as rank 0 (which has the most): the extra ones are discarded
-    most = len(list(data.eval_batches(examples, cfg.settings.eval_batch_size, 0, world)))
-    for index in range(most):
-        chunk = batches[index] if index < len(batches) else list(examples[:1])
+    for chunk, counts in data.lockstep_eval_batches(examples, cfg.settings.eval_batch_size, rank, world):
         # the bare module, not engine(): evaluation is not a training micro-step (the comm ledger
         # and DeepSpeed's own counters start one per engine forward); ZeRO-3's and FSDP2's gather
         # hooks live on the module, so this works for every backend
         result = objective.eval_sums(engine.module, _to_device(data.collate(chunk, cfg.settings.task, pad), device)).cpu()
-        if index < len(batches):
+        if counts:
             sums += result
     sums = _all_reduce_sum(sums, device)
     engine.train()
