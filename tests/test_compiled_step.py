@@ -257,9 +257,8 @@ def test_step_bytes_of_the_one_pass_paths_are_each_input_read_and_each_output_wr
                 (kind, "compiled", dtype)]
 
 
-def test_entry_point_updates_leaf_parameters_outside_no_grad():
-    """Called directly (not from an optimizer's no_grad step) on parameters that need grad, as a benchmark does."""
-    params = [p.requires_grad_() for p in make_tensors(torch.float32)]
+def lion_first_step_compiled_vs_foreach(params, label: str):
+    """One Lion-PMA step of ``params`` on the compiled path and of copies on the foreach path, within the bound."""
     before = [p.detach().clone() for p in params]
     ref = [p.clone() for p in before]
     m, ref_m = zeros_state(params), zeros_state(params)
@@ -268,10 +267,18 @@ def test_entry_point_updates_leaf_parameters_outside_no_grad():
     bounds = [lion_step_bound(p, g, m0, c) for p, g, m0 in zip(before, grads, zeros_state(params))]
     run_lion("compiled", params, grads, m, 1)
     run_lion("foreach", ref, grads, ref_m, 1)
-    for p, q, b, (exact, bound, _) in zip(params, ref, before, bounds):
+    for p, q, (exact, bound, _) in zip(params, ref, bounds):
+        assert_within(label, p.detach(), q, bound, exact)
+    return before
+
+
+def test_entry_point_updates_leaf_parameters_outside_no_grad():
+    """Called directly (not from an optimizer's no_grad step) on parameters that need grad, as a benchmark does."""
+    params = [p.requires_grad_() for p in make_tensors(torch.float32)]
+    before = lion_first_step_compiled_vs_foreach(params, "lion outside no_grad")
+    for p, b in zip(params, before):
         assert p.requires_grad and p.grad is None
         assert not torch.equal(p.detach(), b)  # it moved
-        assert_within("lion outside no_grad", p.detach(), q, bound, exact)
 
 
 def test_layouts_past_the_recompile_limit_still_step_correctly(monkeypatch):
@@ -281,14 +288,5 @@ def test_layouts_past_the_recompile_limit_still_step_correctly(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
     for n in (1, 2, 3):  # three list lengths: three layouts, two past the limit of one
-        params = make_tensors(torch.float32)[:n]
-        ref = [p.clone() for p in params]
-        m, ref_m = zeros_state(params), zeros_state(params)
-        grads = gradients(params, 1)
-        c = LionStepCoefficients.for_step(PMAPhase(step=1, period=PERIOD), **LION)
-        bounds = [lion_step_bound(p, g, m0, c) for p, g, m0 in zip(ref, grads, zeros_state(params))]
-        run_lion("compiled", params, grads, m, 1)
-        run_lion("foreach", ref, grads, ref_m, 1)
-        for p, q, (exact, bound, _) in zip(params, ref, bounds):
-            assert_within(f"{n} tensors", p, q, bound, exact)
+        lion_first_step_compiled_vs_foreach(make_tensors(torch.float32)[:n], f"{n} tensors")
     torch._dynamo.reset()  # later tests compile with the default limit

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -208,10 +207,9 @@ def main():
             results[section] = _guarded(ledger_checks, run_dir)
         args.out.write_text(json.dumps(results, indent=1))
         print(f"section {section}: done", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    from pma_dist.distributed import shutdown
+
+    shutdown(0)
 
 
 if __name__ == "__main__":
