@@ -26,6 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from recipes.posttrain.config import DEFAULT_DATA, DEFAULT_MODEL, FALLBACK  # noqa: E402
 from pma_dist.methods import get_method  # noqa: E402
+from recipes.posttrain.run_dir import held_run  # noqa: E402
+
+RUN_NAMES = ("adamw_pma", "adamw_ga")
 from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
 
 
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per training launch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew where --out already holds runs (train.py moves their files to replaced-<time>/)")
     return p.parse_args(argv)
 
 
@@ -77,6 +82,8 @@ def train(args, name: str, optimizer: str, model: str, data, out: Path) -> dict:
            "--micro-batch-size", str(args.micro_batch_size), "--max-length", str(args.max_length),
            "--eval-every", str(args.period * 2), "--eval-size", "64", "--log-update-variance",
            "--variance-window", "3", "--comm-profile", str(run_dir / "comm"), "--output-dir", str(run_dir)]
+    if args.overwrite:
+        cmd.append("--overwrite")
     if data:
         cmd += ["--train-data", data]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
@@ -94,6 +101,10 @@ def train(args, name: str, optimizer: str, model: str, data, out: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    held = {name: held_run(out / name) for name in RUN_NAMES}
+    if any(held.values()) and not args.overwrite:  # refuse before any launch, not after the first run
+        sys.exit(f"quickstart: {out} already holds runs ({', '.join(f'{n}/' for n, h in held.items() if h)}): pass "
+                 f"--overwrite to start anew (their files move to replaced-<time>/) or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     model, data, label = choose_inputs(args)
     k = args.period
