@@ -117,8 +117,11 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 )}
 
 
-def method_names(accumulation: Optional[str] = None) -> Tuple[str, ...]:
-    return tuple(name for name, m in METHODS.items() if accumulation is None or m.accumulation == accumulation)
+def method_names(accumulation: Optional[str] = None, *, plain_params: bool = False) -> Tuple[str, ...]:
+    """Method names, optionally of one accumulation kind; ``plain_params``: only those built from a plain
+    parameter list (hooks that hand over no names, such as the HF Trainer's, cannot build AdaPM)."""
+    return tuple(name for name, m in METHODS.items()
+                 if (accumulation is None or m.accumulation == accumulation) and not (plain_params and m.named_params))
 
 
 def get_method(name: str) -> Method:

@@ -25,7 +25,7 @@ from .hf import PMACallback, optimizer_cls_and_kwargs
 __all__ = ["parse_optim_args", "optimizer_callback_class", "register", "PMA_OPTIMIZERS"]
 
 # adamw_pma, adamw_pma_reference, lion_pma (AdaPM needs named parameters, which the plugin hook does not give)
-PMA_OPTIMIZERS = tuple(name for name in method_names("pma") if not get_method(name).named_params)
+PMA_OPTIMIZERS = method_names("pma", plain_params=True)
 
 _TYPES = {"period": int, "variant": str, "lr": float, "eps": float, "weight_decay": float,
           "beta1": float, "beta2": float}

@@ -20,7 +20,7 @@ import torch
 
 from pma_dist import distributed
 from pma_dist.comm.profile import CommProfile, parse_comm_profile
-from pma_dist.methods import METHODS, Method, get_method
+from pma_dist.methods import Method, get_method, method_names
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config (--backend deepspeed only)")
     # AdaPM is built from named parameters (torch_parallel.setup, the DeepSpeed JSON type "AdaPM"), not by this job
-    p.add_argument("--optimizer", choices=tuple(m for m in METHODS if not METHODS[m].named_params), default=None,
+    p.add_argument("--optimizer", choices=method_names(plain_params=True), default=None,
                    help="training method (pma_dist.methods): PMA, gradient accumulation (_ga) or none (adamw, lion)")
     p.add_argument("--period", type=int, default=None,
                    help="K: PMA period, or the micro-batches adamw_ga/lion_ga accumulate")
