@@ -19,3 +19,7 @@ common = ["--task", "dpo", "--model", str(shared / "models" / "stories260K"),
 for mode in ("cached", "copy"):
     trainer.run(config.resolve(common + ["--dpo-reference", mode, "--output-dir", str(out / mode)]))
     dist.barrier()
+
+from pma_dist import distributed  # noqa: E402
+
+distributed.shutdown(0)  # in a fixed order: gloo can abort when its group is torn down at interpreter exit

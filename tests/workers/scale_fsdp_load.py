@@ -52,3 +52,7 @@ losses("job_sharded_load")
 sharded_load.meta_model = lambda d, dtype, trust: reference_model.__class__.from_pretrained(d, dtype=dtype)
 losses("job_full_load")  # the previous loading: the full model on every rank, then fully_shard
 (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+from pma_dist import distributed  # noqa: E402
+
+distributed.shutdown(0)  # in a fixed order: gloo can abort when its group is torn down at interpreter exit

@@ -68,3 +68,7 @@ trainer.zero3_enabled = lambda cfg: False  # the previous loading: the full mode
 losses("job_zero3_full_load", ["--zero-stage", "3"])
 trainer.zero3_enabled = real_zero3_enabled
 (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+from pma_dist import distributed  # noqa: E402
+
+distributed.shutdown(0)  # in a fixed order: gloo can abort when its group is torn down at interpreter exit

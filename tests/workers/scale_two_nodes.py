@@ -22,3 +22,7 @@ argv = ["--task", "sft", "--model", str(shared / "models" / "stories260K"),
 summary = trainer.run(config.resolve(argv))
 placement = {k: os.environ.get(k) for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE")}
 (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"placement": placement, "summary": summary}))
+
+from pma_dist import distributed  # noqa: E402
+
+distributed.shutdown(0)  # in a fixed order: gloo can abort when its group is torn down at interpreter exit
