@@ -73,6 +73,17 @@ def test_holdout_split_is_deterministic_and_disjoint():
         data.holdout_split(records, 100)
 
 
+def test_select_split_leaves_the_eval_split_as_it_was():
+    records = [{"i": i} for i in range(100)]
+    _, evals = data.holdout_split(records, 10)
+    train, evals2, select = data.holdout_splits(records, 10, 15)
+    assert evals2 == evals and len(select) == 15 and len(train) == 75
+    ids = [{r["i"] for r in part} for part in (train, evals2, select)]
+    assert ids[0] | ids[1] | ids[2] == set(range(100)) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    with pytest.raises(DataError, match="cannot hold out 10 eval \\+ 90 select records from only 100"):
+        data.holdout_splits(records, 10, 90)
+
+
 def test_sft_labels_mask_the_prompt(tokenizer):
     tok = data.Tokeniser(tokenizer, max_length=200)
     out = tok.sft([{"instruction": "rev", "input": "ab", "output": "ba"}], "mem")

@@ -87,6 +87,10 @@ def test_ga_config_period_comes_from_gradient_accumulation(tmp_path):
     (["--backend", "fsdp", "--deepspeed", "ds.json"],
      "--deepspeed ds.json is a DeepSpeed setting, but --backend is fsdp"),
     (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed config not found: /nonexistent/ds.json"),
+    (["--select-size", "-1"], "--select-size must be >= 0, got -1"),
+    (["--lr-schedule", "warmup_cosine", "--warmup-fraction", "1"], "--warmup-fraction must be in [0, 1), got 1.0"),
+    (["--optimizer", "adamw_ga", "--lr-decay", "periodic"],
+     "--lr-decay periodic with --optimizer adamw_ga: the periodic decay acts on PMA's small steps"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ConfigError) as info:
@@ -139,3 +143,13 @@ def test_job_settings_are_typed_fields_for_every_flag():
         cfg.settings.seed = 4  # frozen: the job cannot change its settings behind the checkpoint identity
     # typed, backend-independent fields; the DeepSpeed dict is DeepSpeed's alone
     assert (cfg.micro_batch_size, cfg.gradient_clipping) == (4, 0.0) and cfg.ds_config is not None
+
+
+def test_lr_decay_reaches_the_pma_optimizer_and_the_checkpoint_identity():
+    cfg = resolve(["--optimizer", "lion_pma", "--lr-decay", "periodic"])
+    assert cfg.optimizer_params["lr_decay"] == "periodic" and cfg.identity()["lr_decay"] == "periodic"
+    assert cfg.method.deepspeed_config(cfg.period, cfg.optimizer_params)["optimizer"]["params"]["lr_decay"] == "periodic"
+    assert "lr_decay" not in resolve(["--optimizer", "adamw_pma"]).optimizer_params  # the optimizer's default
+    assert resolve(["--optimizer", "adamw", "--lr-decay", "none"]).identity()["lr_decay"] is None
+    scheduled = resolve(["--lr-schedule", "warmup_cosine", "--warmup-fraction", "0.2"]).identity()
+    assert (scheduled["lr_schedule"], scheduled["warmup_fraction"]) == ("warmup_cosine", 0.2)

@@ -54,6 +54,13 @@ class DeepSpeedBackend:
         self.engine.step()
         return loss
 
+    def full_state_dict(self) -> Optional[dict]:
+        """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3, which gathers
+        one layer at a time so no rank holds the model twice."""
+        if self.engine.zero_optimization_partition_weights():
+            return self.engine._zero3_consolidated_16bit_state_dict()  # training dtype despite its name
+        return self.engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
@@ -101,6 +108,14 @@ class TorchBackend:
 
     def micro_step(self, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
         return self.trainer.micro_step(loss_fn).loss
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The whole model's weights on rank 0 (None elsewhere): FSDP2's shards gathered to the host, one
+        tensor at a time (collective on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if torch.distributed.get_rank() == 0 else None
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
         # client_state goes into the manifest (checkpoints.write_manifest), as under DeepSpeed

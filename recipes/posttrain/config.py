@@ -21,6 +21,9 @@ import torch
 from pma_dist import distributed
 from pma_dist.comm.profile import CommProfile, parse_comm_profile
 from pma_dist.methods import Method, get_method, method_names
+from pma_dist.schedule import LR_DECAYS
+
+from .lr_schedule import LR_SCHEDULES
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", default=None, help="local .jsonl/.json or hub dataset name")
     p.add_argument("--eval-data", default=None, help="held-out file; default: a fixed split of --train-data")
     p.add_argument("--eval-size", type=int, default=128, help="records held out when --eval-data is not given")
+    p.add_argument("--select-size", type=int, default=0,
+                   help="records held out of --train-data besides the eval split, scored at the end of the run as "
+                        "select_loss: the split to choose hyper-parameters on, so the eval split stays unseen (0: none)")
     p.add_argument("--max-train-records", type=int, default=None, help="use only the first N training records")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--overlong", choices=("truncate", "skip", "error"), default="truncate",
@@ -75,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training method (pma_dist.methods): PMA, gradient accumulation (_ga) or none (adamw, lion)")
     p.add_argument("--period", type=int, default=None,
                    help="K: PMA period, or the micro-batches adamw_ga/lion_ga accumulate")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="the peak learning rate (see --lr-schedule)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="the lr as a function of samples seen, the same for every method: constant, or linear "
+                        "warm-up over --warmup-fraction of the run then cosine decay to 0 (recipes/posttrain/lr_schedule.py)")
+    p.add_argument("--warmup-fraction", type=float, default=0.1,
+                   help="--lr-schedule warmup_cosine: the fraction of --micro-steps spent warming up")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=None,
+                   help="PMA optimizers only: none (Algorithm 1, default) or periodic (the paper's text: small step "
+                        "tau is scaled by a further 1/(tau+1) within each period; docs/math.md)")
     p.add_argument("--betas", type=float, nargs=2, default=None)
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
@@ -89,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="micro-steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--save-model", default=None, metavar="DIR",
+                   help="after training, write the final model (and tokenizer) to DIR as a Hugging Face model "
+                        "directory, gathered from every backend's shards (e.g. the base of a later DPO run)")
     p.add_argument("--resume", action="store_true", help="continue from the last verified checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --output-dir that holds one (its files move to replaced-<time>/)")
@@ -133,6 +150,7 @@ class JobSettings:
     seed: int
     micro_steps: int
     eval_size: int
+    select_size: int
     max_train_records: Optional[int]
     max_length: int
     overlong: str
@@ -142,6 +160,9 @@ class JobSettings:
     save_every: int
     keep_checkpoints: int
     output_dir: str
+    save_model: Optional[str]
+    lr_schedule: str
+    warmup_fraction: float
     resume: bool
     overwrite: bool
     collective_timeout: Optional[float]
@@ -156,7 +177,7 @@ class JobSettings:
     no_progress: bool
 
     #: flags resolved into TrainConfig's fields (or the launcher's), not kept here
-    RESOLVED = ("model", "train_data", "eval_data", "deepspeed_config", "optimizer", "period", "lr", "betas", "eps",
+    RESOLVED = ("model", "train_data", "eval_data", "deepspeed_config", "optimizer", "period", "lr", "lr_decay", "betas", "eps",
                 "weight_decay", "micro_batch_size", "zero_stage", "gradient_clipping", "log_every", "nonfinite",
                 "local_rank")
 
@@ -216,6 +237,9 @@ class TrainConfig:
                 "optimizer": self.optimizer, "period": self.period,
                 "micro_batch_size": self.micro_batch_size, "seed": args.seed, "model": self.model,
                 "train_data": self.train_data, "eval_data": self.eval_data, "eval_size": args.eval_size,
+                "select_size": args.select_size, "lr_schedule": args.lr_schedule,
+                "warmup_fraction": args.warmup_fraction if args.lr_schedule != "constant" else None,
+                "lr_decay": self.optimizer_params.get("lr_decay"),
                 "max_train_records": args.max_train_records, "max_length": args.max_length,
                 "overlong": args.overlong, "betas": list(self.optimizer_params["betas"]),
                 "eps": self.optimizer_params.get("eps"), "dpo_beta": args.beta if args.task == "dpo" else None}
@@ -351,8 +375,10 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     for name in ("period", "micro_batch_size", "log_every", "max_train_records", "variance_every"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    for name in ("eval_every", "save_every", "keep_checkpoints"):
+    for name in ("eval_every", "save_every", "keep_checkpoints", "select_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), minimum=0)
+    if not 0 <= args.warmup_fraction < 1:
+        raise ConfigError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
     if not 0 <= args.max_degenerate_pairs <= 1:
         raise ConfigError(f"--max-degenerate-pairs must be a fraction in [0, 1], got {args.max_degenerate_pairs}")
     if args.resume and args.overwrite:
@@ -413,6 +439,13 @@ def resolve(argv: Optional[List[str]] = None) -> TrainConfig:
             params[key] = list(value) if key == "betas" else value
     if method.family == "lion":
         params.pop("eps", None)
+    if args.lr_decay is not None:
+        if not method.is_pma and args.lr_decay != "none":
+            raise ConfigError(f"--lr-decay {args.lr_decay} with --optimizer {optimizer}: the periodic decay acts on "
+                              f"PMA's small steps within a period; use a PMA method (adamw_pma, adamw_pma_reference, "
+                              f"lion_pma) or drop the flag")
+        if method.is_pma:
+            params["lr_decay"] = args.lr_decay
     if not float(params["lr"]) > 0:
         raise ConfigError(f"learning rate must be > 0, got lr={params['lr']}")
     _check_optimizer(method, period, params, source)

@@ -124,16 +124,25 @@ def validate_record(record: dict, task: str, *, where: str) -> None:
 
 def holdout_split(records: Sequence[dict], eval_size: int) -> tuple:
     """Deterministic (train, eval) split: a fixed-seed permutation, the first ``eval_size`` are eval."""
+    train, evals, _ = holdout_splits(records, eval_size, 0)
+    return train, evals
+
+
+def holdout_splits(records: Sequence[dict], eval_size: int, select_size: int) -> tuple:
+    """(train, eval, select): the permutation's first ``eval_size`` records are eval, the next ``select_size``
+    the select split. The eval split does not depend on ``select_size``; train loses the select records."""
     if eval_size < 1:
         raise DataError(f"eval size must be >= 1 to hold out records, got {eval_size}")
-    if eval_size >= len(records):
-        raise DataError(f"cannot hold out {eval_size} eval records from only {len(records)}; "
-                        f"pass --eval-data or a smaller --eval-size")
-    order = np.random.RandomState(HOLDOUT_SEED).permutation(len(records))
-    held = set(order[:eval_size].tolist())
-    train = [r for i, r in enumerate(records) if i not in held]
-    evals = [records[i] for i in sorted(held)]
-    return train, evals
+    if select_size < 0:
+        raise DataError(f"select size must be >= 0, got {select_size}")
+    if eval_size + select_size >= len(records):
+        held = f"{eval_size} eval" + (f" + {select_size} select" if select_size else "")
+        raise DataError(f"cannot hold out {held} records from only {len(records)}; pass --eval-data or a smaller "
+                        f"--eval-size" + (" / --select-size" if select_size else ""))
+    order = np.random.RandomState(HOLDOUT_SEED).permutation(len(records)).tolist()
+    held, chosen = set(order[:eval_size]), set(order[eval_size:eval_size + select_size])
+    train = [r for i, r in enumerate(records) if i not in held and i not in chosen]
+    return train, [records[i] for i in sorted(held)], [records[i] for i in sorted(chosen)]
 
 
 # ---------------------------------------------------------------------------------------- tokenising

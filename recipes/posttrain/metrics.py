@@ -69,8 +69,10 @@ class UpdateVariance:
     To compare optimizers that step at different rates, the update is measured per *period*:
     ``delta_j = theta(jK) - theta((j-1)K)``, the net change of the output layer after every K
     micro-batches, i.e. after the same data for PMA (K small/large steps) and for GA (one step).
-    Over a window of ``window`` consecutive deltas we log ``mean_i Var_j(delta_j[i])`` and the mean
-    squared norm of the deltas.
+    Over a window of ``window`` consecutive deltas we log ``mean_i Var_j(delta_j[i])``, the mean
+    squared norm of the deltas, the squared norm of their mean, and the scale-free noise-to-signal
+    ratio ``sum_i Var_j(delta_j[i]) / ||mean_j delta_j||^2`` (raw variance grows with the step size, so
+    methods that move further per period look noisier by it alone).
     """
 
     def __init__(self, every: int, window: int):
@@ -95,8 +97,14 @@ class UpdateVariance:
             return None
         stacked = torch.stack(self.deltas)
         self.deltas = []
-        return {"update_variance": stacked.var(dim=0, unbiased=True).mean().item(),
+        variance = stacked.var(dim=0, unbiased=True)
+        mean_sq_norm = stacked.mean(dim=0).pow(2).sum().item()
+        # noise over signal: the spread of the updates per unit of the squared distance their mean moves,
+        # which does not change when every update is scaled (a larger lr, or PMA's K small steps per period)
+        return {"update_variance": variance.mean().item(),
                 "update_sq_norm": stacked.pow(2).sum(dim=1).mean().item(),
+                "update_mean_sq_norm": mean_sq_norm,
+                "update_noise_to_signal": variance.sum().item() / mean_sq_norm if mean_sq_norm > 0 else float("inf"),
                 "window_periods": self.window}
 
 

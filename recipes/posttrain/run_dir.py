@@ -37,6 +37,11 @@ def check(cfg) -> None:
         profile = cfg.comm_profile
         if profile is not None:
             check_writable_dir(profile.output_dir, "--comm-profile" if args.comm_profile else "comm_profile.output_dir")
+        if args.save_model:
+            saved = check_writable_dir(args.save_model, "--save-model")
+            if (saved / "config.json").exists() and not args.overwrite:
+                raise ConfigError(f"--save-model {saved} already holds a model (config.json): pass --overwrite to "
+                                  f"replace it, or pick another directory")
     except OutputPathError as exc:
         raise ConfigError(str(exc)) from None
     held = held_run(out)

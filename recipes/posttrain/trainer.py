@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pma_dist import distributed
 
-from . import checkpoints, data, fallback, peak_memory, reference, run_dir, sharded_load
+from . import checkpoints, data, fallback, lr_schedule, peak_memory, reference, run_dir, sharded_load
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -103,6 +103,7 @@ def pad_id(tokenizer) -> int:
 class Datasets:
     train: data.TokenisedSet
     eval: data.TokenisedSet
+    select: Optional[data.TokenisedSet] = None  # --select-size: the split hyper-parameters are chosen on
 
 
 _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each data set once
@@ -110,7 +111,7 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
     args = cfg.settings
-    key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
+    key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.select_size, args.max_train_records,
            args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
         _DATASETS.clear()
@@ -121,22 +122,26 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
 def _load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
     args = cfg.settings
     if cfg.train_data == FALLBACK:
-        records = fallback.synthetic_records(args.task, 4096 + args.eval_size, seed=1234)
+        records = fallback.synthetic_records(args.task, 4096 + args.eval_size + args.select_size, seed=1234)
         source = "built-in synthetic fallback task"
     else:
         records = data.load_records(cfg.train_data, args.task)
         source = cfg.train_data
+    select_records = []
     if cfg.eval_data:
         train_records, eval_records = records, data.load_records(cfg.eval_data, args.task)
         eval_source = cfg.eval_data
+        if args.select_size:
+            train_records, select_records = data.holdout_split(records, args.select_size)
     else:
-        train_records, eval_records = data.holdout_split(records, args.eval_size)
+        train_records, eval_records, select_records = data.holdout_splits(records, args.eval_size, args.select_size)
         eval_source = f"{source} (held-out {args.eval_size})"
     if args.max_train_records:
         train_records = train_records[: args.max_train_records]
     tok = data.Tokeniser(tokenizer, args.max_length, args.overlong, args.max_degenerate_pairs)
     encode = tok.sft if args.task == "sft" else tok.dpo
-    return Datasets(train=encode(train_records, source), eval=encode(eval_records, eval_source))
+    select = encode(select_records, f"{source} (select split, held-out {args.select_size})") if select_records else None
+    return Datasets(train=encode(train_records, source), eval=encode(eval_records, eval_source), select=select)
 
 
 def make_client_optimizer(cfg: TrainConfig, parameters):
@@ -287,6 +292,7 @@ class Job:
     wall: float = 0.0
     lineage: str = ""  # one run and its resumptions: checkpoint rotation deletes only this lineage's tags
     watchdog: Optional[distributed.Watchdog] = None
+    tokenizer: object = None  # --save-model writes it beside the weights
 
     @property
     def common(self) -> dict:
@@ -309,6 +315,10 @@ class Job:
 
     def evaluate(self, micro_step: int) -> dict:
         result = evaluate(self.engine, self.objective, self.sets.eval.examples, self.cfg, self.pad, self.device)
+        # the select split chooses hyper-parameters by the final loss: it is scored at the end only
+        if self.sets.select is not None and micro_step == self.cfg.settings.micro_steps:
+            selected = evaluate(self.engine, self.objective, self.sets.select.examples, self.cfg, self.pad, self.device)
+            result.update({"select_" + key.removeprefix("eval_"): value for key, value in selected.items()})
         self.metrics.write(kind="eval", **self.stamp(micro_step), **result)
         return result
 
@@ -407,6 +417,8 @@ def prepare(cfg: TrainConfig) -> Job:
     sets = load_datasets(cfg, tokenizer)
     _say(rank, sets.train.report())
     _say(rank, sets.eval.report())
+    if sets.select is not None:
+        _say(rank, sets.select.report())
     order = data.MicroBatchOrder(len(sets.train.examples), cfg.micro_batch_size, world, args.seed)
 
     copied = None
@@ -428,7 +440,7 @@ def prepare(cfg: TrainConfig) -> Job:
               metrics=MetricsLog(out / "metrics.jsonl", enabled=rank == 0),
               variance=(UpdateVariance(args.variance_every or cfg.period, args.variance_window)
                         if args.log_update_variance else None),
-              lineage=resume_state.get("lineage") or uuid.uuid4().hex, watchdog=watchdog)
+              lineage=resume_state.get("lineage") or uuid.uuid4().hex, watchdog=watchdog, tokenizer=tokenizer)
     if resume_tag is not None:
         note = job.metrics.truncate_after(int(resume_state["micro_step"]))  # before loading: a bad log fails fast
         engine.load(ckpt_dir, resume_tag)
@@ -459,6 +471,8 @@ def dpo_reference(cfg: TrainConfig, module, copied, sets: Datasets, order, rank:
     def batches():
         yield from reference.training_batches(sets.train.examples, order, args.micro_steps, rank, pad)
         yield from reference.eval_batches(sets.eval.examples, args.eval_batch_size, rank, world, pad)
+        if sets.select is not None:
+            yield from reference.eval_batches(sets.select.examples, args.eval_batch_size, rank, world, pad)
 
     dtype = next(module.parameters()).dtype
     key = reference.fingerprint(cfg.model, dtype, world=world, micro_batch_size=cfg.micro_batch_size,
@@ -481,8 +495,11 @@ def train_loop(job: Job) -> Optional[dict]:
     # a loss to the host every micro-step would synchronise an accelerator that often; it is read at log time
     window = torch.zeros(3, dtype=torch.float64, device=job.device)
     engine.train()
+    peak_lr, warmup = cfg.optimizer_params["lr"], lr_schedule.warmup_steps(args.micro_steps, args.warmup_fraction)
     for micro in range(job.start, args.micro_steps):
         began = time.perf_counter()
+        if args.lr_schedule != "constant":
+            lr_schedule.apply(engine.optimizer, peak_lr, args.lr_schedule, micro, args.micro_steps, warmup)
         chunk = [job.sets.train.examples[i] for i in job.order.indices(micro, job.rank)]
         batch = _to_device(data.collate(chunk, args.task, job.pad), job.device)
         if job.watchdog is not None:
@@ -513,7 +530,7 @@ def train_loop(job: Job) -> Optional[dict]:
                 raise FloatingPointError(f"train loss is {train_loss} at micro-step {done} (no finite micro-batch "
                                          f"loss since the last log line): lower --lr")
             job.metrics.write(kind="train", **job.stamp(done), train_loss=train_loss,
-                              nonfinite_steps_skipped=job.skipped_steps)
+                              lr=engine.optimizer.param_groups[0]["lr"], nonfinite_steps_skipped=job.skipped_steps)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             window.zero_()
@@ -540,15 +557,36 @@ def finish(job: Job, last_eval: Optional[dict]) -> dict:
                    nonfinite_steps_skipped=job.skipped_steps, **last_eval, **peak_memory.peak_per_rank(job.device))
     if job.rank == 0:
         (job.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.save_model:
+        save_model(job)
     job.engine.release()
     return summary
+
+
+def save_model(job: Job) -> None:
+    """``--save-model``: the final weights as a Hugging Face model directory (rank 0 writes it)."""
+    target = Path(job.cfg.settings.save_model)
+    state = job.engine.full_state_dict()  # collective: every rank takes part
+    if job.rank == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        module = job.engine.module
+        module = getattr(module, "module", module)  # DDP wraps the model
+        module.save_pretrained(target, state_dict=state, safe_serialization=True)
+        job.tokenizer.save_pretrained(target)
+        _say(job.rank, f"final model written to {target}")
+    dist.barrier()
 
 
 def ran_with(job: Job) -> dict:
     """The hyper-parameters the optimizer actually stepped with (read from it, not from the flags)."""
     group = job.engine.optimizer.param_groups[0]
     betas = group.get("betas")
-    return dict(lr=group["lr"], betas=list(betas) if betas is not None else None, eps=group.get("eps"),
+    args = job.cfg.settings
+    # under a schedule the group holds the last step's rate; the run's lr is the schedule's peak
+    lr = group["lr"] if args.lr_schedule == "constant" else job.cfg.optimizer_params["lr"]
+    schedule = dict(lr_schedule=args.lr_schedule, last_lr=group["lr"], lr_decay=group.get("lr_decay"),
+                    warmup_fraction=args.warmup_fraction if args.lr_schedule != "constant" else None)
+    return dict(lr=lr, **schedule, betas=list(betas) if betas is not None else None, eps=group.get("eps"),
                 weight_decay=group.get("weight_decay"), variant=group.get("variant", job.cfg.method.variant),
                 optimizer_period=group.get("period"),
                 gradient_clipping=job.cfg.reapplied()["gradient_clipping"])

@@ -41,6 +41,13 @@ job("dpo", common + ["--task", "dpo", "--train-data", str(shared / "dpo" / "hh_r
                      "--optimizer", "lion_pma", "--lr", "3e-4", "--period", "4", "--beta", "0.1",
                      "--micro-steps", "16"])
 
+# the lr schedule by samples, the select split and --save-model (ZeRO-0 and ZeRO-3)
+scheduled = sft + ["--lr", "3e-3", "--micro-steps", "16", "--lr-schedule", "warmup_cosine", "--warmup-fraction",
+                   "0.25", "--log-every", "1", "--select-size", "16"]
+job("scheduled_ga", scheduled + ["--optimizer", "adamw_ga", "--save-model", str(out / "saved_ga")])
+job("scheduled_pma", scheduled + ["--optimizer", "adamw_pma", "--lr-decay", "periodic", "--zero-stage", "3",
+                                  "--save-model", str(out / "saved_zero3")])
+
 job("fallback", ["--model", "builtin-fallback", "--micro-batch-size", "4", "--max-length", "64", "--eval-size", "16",
                  "--eval-every", "0", "--no-progress", "--period", "2", "--lr", "3e-3", "--micro-steps", "8"])
 
