@@ -1,131 +1,181 @@
 #!/usr/bin/env python
-"""PMA vs gradient accumulation on real post-training data: time (and samples) to the GA run's loss.
+"""PMA vs gradient accumulation vs no accumulation on real post-training data, best against best.
 
-    python benchmarks/post_training.py                 # run what is missing, then write the report
-    python benchmarks/post_training.py --report-only   # only aggregate finished runs
-    python benchmarks/post_training.py --model runs/base_3m --out runs/bench_base_3m --name base_3m \
-        --grid sft_alpaca adamw 3e-4 1e-3 3e-3 ...      # another base model, its own lr grids
-    python benchmarks/post_training.py --name base_3m --page-only   # re-write the page from the results
+    python benchmarks/post_training.py --regime paper --family adamw --periods 4 8 16   # run what is missing
+    python benchmarks/post_training.py --report-only    # tables and plots from the committed curves (a clone can)
 
-The report of a result set ``--name`` (default ``stories260k``) goes to
-``benchmarks/results/post_training/NAME/`` (``results.json`` and the plots) and to the ``NAME``
-section of ``docs/bench/post_training.md`` (every table, every run); ``docs/BENCHMARKS.md`` quotes
-the headline rows.
+Every run is ``launch/train.py``'s job (DeepSpeed ZeRO-0, 2 CPU ranks; all runs of one invocation in
+one ``deepspeed`` launch). What is compared, for one task, regime, lr schedule and K:
 
-Tasks: SFT on alpaca_mix and on gsm8k, DPO on HH-RLHF pairs (all from ``../shared/data``), of
-stories260K by default or of any local HF model given by ``--model`` (e.g. the ~3M-parameter base
-that ``launch/pretrain_base.py`` pretrains on ``../shared/data/text``). Methods: AdamW-PMA
-(reference and paper variants) and Lion-PMA stepping every micro-batch, AdamW-K and Lion-K
-accumulating K micro-batches; K in --periods; same micro-batch, data order and seed for all.
-2 ranks, DeepSpeed ZeRO-0, CPU.
+* the PMA optimizer stepping every micro-batch (``adamw_pma``, the paper variant; ``lion_pma``), with
+  and without the paper's periodic lr decay (arm ``adamw_pma-periodic``);
+* gradient accumulation over the same K micro-batches (``adamw_ga``, ``lion_ga``);
+* the plain optimizer stepping every micro-batch with no accumulation (``adamw``, ``lion``: K = 1,
+  run once per regime and schedule and compared at every K).
 
-Protocol (best vs best): stage A sweeps the learning rate on the first seed; stage B runs the
-other seeds at each (method, K)'s best lr (lowest final eval loss). gsm8k reuses alpaca's best lrs.
-For each K and optimizer family the target is the GA run's final eval loss (per seed); we report
-GA wall-clock / PMA wall-clock to reach it (and the same ratio in samples, which does not depend
-on the hardware), final eval losses and DPO accuracy. One run = one JSON summary + metrics JSONL
-under --out; finished runs are skipped, so the benchmark can be run in pieces.
+Regimes: ``today`` (4 sequences of 128 tokens per rank per micro-step) and ``paper`` (1 sequence of
+256 tokens per rank: the memory-limited setting the paper targets). Schedules: ``constant`` and
+``warmup_cosine`` (10 % linear warm-up then cosine to 0, by samples, the same for every method;
+``recipes/posttrain/lr_schedule.py``).
 
-All runs of one invocation share one ``deepspeed`` launch (the worker calls the trainer in a loop),
-so start-up costs are paid once.
+Protocol. Each run holds out two disjoint splits of its training file: ``select`` (chooses the lr)
+and ``eval`` (everything reported). Stage A sweeps the lr grid at seed 0; each arm's lr is the one
+with the lowest final *select* loss; stage B runs the other seeds at that lr. For each K the target is
+GA's final *eval* loss (mean over seeds); every arm's cost to the target is its own first
+linearly-interpolated crossing of it on its eval curve, in samples (GA included: a noisy GA curve
+may cross before its end). Ratios are GA's samples over the arm's; an arm that never reaches the
+target is "not reached". One machine-independent quantity (samples) is the headline; wall-clock is
+recorded per run but only quoted from interleaved step-cost runs on a quiet machine.
+
+Results: ``benchmarks/results/post_training/NAME/`` holds ``runs.json`` (one summary per run) and
+``curves.csv`` (every run's eval curve), which are committed, so ``--report-only`` re-makes
+``results.json``, the plots and the NAME section of ``docs/bench/post_training.md`` from a clone.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import mean, pstdev
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.pages import PAGES, RESULTS, link, write_section  # noqa: E402
 from pma_dist.methods import get_method  # noqa: E402
-from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
+from recipes.posttrain.metrics import read_metrics  # noqa: E402
 
-# the methods compared here, by their pma_dist.methods names (train.py --optimizer)
-METHODS = ("adamw_pma_reference", "adamw_pma", "lion_pma", "adamw_ga", "lion_ga")
 SHARED = REPO.parent / "shared" / "data"
-TASKS = {  # name -> (train.py --task, data file, micro-batch, lr grids per family)
-    "sft_alpaca": ("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", 4,
-                   {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "lion": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}),
-    "dpo_hh": ("dpo", SHARED / "dpo" / "hh_rlhf_harmless_base_test_pairs.jsonl", 2,
-               {"adamw": [3e-5, 1e-4, 3e-4, 1e-3], "lion": [3e-6, 1e-5, 3e-5, 1e-4]}),
-    "sft_gsm8k": ("sft", SHARED / "sft" / "gsm8k_train.jsonl", 4, None),  # None: alpaca's best lrs
+
+
+@dataclass(frozen=True)
+class Regime:
+    micro_batch: dict  # task kind -> sequences per rank per micro-step
+    max_length: int
+    micro_steps: int
+    eval_every: int
+    variance_every: int  # micro-steps per measured update, the same for every arm and K of the regime
+
+
+REGIMES = {
+    "today": Regime({"sft": 4, "dpo": 2}, max_length=128, micro_steps=128, eval_every=16, variance_every=8),
+    "paper": Regime({"sft": 1, "dpo": 1}, max_length=256, micro_steps=256, eval_every=32, variance_every=16),
 }
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # train.py --task
+    data: Path
+    base: str  # "shared": stories260K; "sft_base": the SFT model this benchmark trains first
+
+
+TASKS = {
+    "sft_alpaca": Task("sft", SHARED / "sft" / "alpaca_mix_train.jsonl", "shared"),
+    # DPO from an SFT'd base on GPT-4-vs-other preference pairs: from the raw base the DPO signal was at noise level
+    "dpo_gpt4": Task("dpo", SHARED / "dpo" / "alpaca_eval_gpt4_pairs.jsonl", "sft_base"),
+}
+# the SFT base of the DPO tasks: plain AdamW on alpaca_mix, long enough to follow the instruction template
+SFT_BASE = dict(method="adamw", lr=3e-3, micro_steps=512, micro_batch=4, max_length=256)
+
+# arm -> (method, lr_decay); the no-accumulation arms run at K = 1
+ARMS = {
+    "adamw_pma": ("adamw_pma", "none"), "adamw_pma-periodic": ("adamw_pma", "periodic"),
+    "adamw_ga": ("adamw_ga", None), "adamw": ("adamw", None),
+    "lion_pma": ("lion_pma", "none"), "lion_ga": ("lion_ga", None), "lion": ("lion", None),
+}
+# The starting lr grids, (task kind, regime, family, steps every micro-batch?) -> lrs, centred where the
+# optimum was expected (an arm stepping on every micro-batch of one sequence wants a lower rate than GA's
+# K-times larger batch). Stage A extends a grid by one half-decade while its best lr is at an edge.
+GRIDS = {
+    ("sft", "paper", "adamw", True): [3e-4, 1e-3, 3e-3], ("sft", "paper", "adamw", False): [1e-3, 3e-3, 1e-2],
+    ("sft", "today", "adamw", True): [1e-3, 3e-3, 1e-2], ("sft", "today", "adamw", False): [1e-3, 3e-3, 1e-2],
+    ("sft", "paper", "lion", True): [3e-5, 1e-4, 3e-4], ("sft", "paper", "lion", False): [1e-4, 3e-4, 1e-3],
+    ("sft", "today", "lion", True): [1e-4, 3e-4, 1e-3], ("sft", "today", "lion", False): [1e-4, 3e-4, 1e-3],
+    ("dpo", "paper", "adamw", True): [3e-5, 1e-4, 3e-4], ("dpo", "paper", "adamw", False): [1e-4, 3e-4, 1e-3],
+    ("dpo", "today", "adamw", True): [3e-5, 1e-4, 3e-4], ("dpo", "today", "adamw", False): [1e-4, 3e-4, 1e-3],
+    ("dpo", "paper", "lion", True): [3e-6, 1e-5, 3e-5], ("dpo", "paper", "lion", False): [1e-5, 3e-5, 1e-4],
+    ("dpo", "today", "lion", True): [3e-6, 1e-5, 3e-5], ("dpo", "today", "lion", False): [1e-5, 3e-5, 1e-4],
+}
+MAX_EXTENSIONS = 2  # half-decades added beyond the starting grid, per side
+
+
+def half_decade(lr: float, direction: int) -> float:
+    """The next value of the 1, 3, 10, 30, ... ladder above (+1) or below (-1) ``lr``."""
+    import math
+
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** exponent
+    rungs = [1.0, 3.0, 10.0]
+    i = min(range(3), key=lambda j: abs(rungs[j] - mantissa))
+    if direction > 0:
+        return float(f"{(rungs[i + 1] if i < 2 else 30.0) * 10 ** exponent:.3g}")
+    return float(f"{(rungs[i - 1] if i > 0 else 0.3) * 10 ** exponent:.3g}")
+
+
+def family(arm: str) -> str:
+    return get_method(ARMS[arm][0]).family
+
+
+def is_plain(arm: str) -> bool:
+    return get_method(ARMS[arm][0]).accumulation == "plain"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "runs" / "bench_post_training"),
                    help="the runs (one folder each); finished runs are skipped")
-    p.add_argument("--name", default="stories260k",
-                   help="the result set: its section of --page and its folder under benchmarks/results/post_training")
-    p.add_argument("--results", default=None,
-                   help="where results.json and the plots go (default benchmarks/results/post_training/NAME)")
-    p.add_argument("--page", default=str(PAGES / "post_training.md"), help="the detail page the tables go to")
-    p.add_argument("--model", default=str(SHARED / "models" / "stories260K"),
-                   help="HF model dir every run starts from (keep one --out per model)")
-    p.add_argument("--grid", nargs="+", action="append", default=[], metavar="TASK FAMILY LR",
-                   help="replace a task's lr grid for a family (adamw|lion), e.g. --grid dpo_hh adamw 3e-5 1e-4 3e-4; "
-                        "repeatable")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--periods", nargs="+", type=int, default=[8, 4])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--micro-steps", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=16)
+    p.add_argument("--name", default="stories260k", help="the result set: its folder and its section of --page")
+    p.add_argument("--results", default=None, help="default benchmarks/results/post_training/NAME")
+    p.add_argument("--page", default=str(PAGES / "post_training.md"))
+    p.add_argument("--model", default=str(SHARED / "models" / "stories260K"), help="the shared base model")
+    p.add_argument("--tasks", nargs="+", default=["sft_alpaca"], choices=list(TASKS))
+    p.add_argument("--regime", default="paper", choices=list(REGIMES))
+    p.add_argument("--schedule", default="constant", choices=SCHEDULES)
+    p.add_argument("--family", nargs="+", default=["adamw"], choices=["adamw", "lion"])
+    p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="default: every arm of --family")
+    p.add_argument("--periods", nargs="+", type=int, default=[8])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--grid", nargs="+", default=None, metavar="LR", type=float,
+                   help="one lr grid for every arm of this invocation (default: GRIDS by task and family)")
     p.add_argument("--eval-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--select-size", type=int, default=64)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--variance-every", type=int, default=None,
-                   help="micro-steps per measured update (default K); --periods 1 runs of the GA methods with "
-                        "--variance-every K are the paper's every-micro-batch EMA baseline in the K plots")
-    p.add_argument("--report-only", action="store_true", help="only aggregate the finished runs under --out")
-    p.add_argument("--page-only", action="store_true",
-                   help="only re-write the NAME section of --page from the committed results.json (no runs needed)")
+    p.add_argument("--report-only", action="store_true", help="only re-make the report from the committed results")
     p.add_argument("--step-cost", action="store_true",
-                   help="only measure seconds per micro-step of each method, interleaved (see docs)")
+                   help="only measure seconds per micro-step of each arm at each K, interleaved rounds")
     p.add_argument("--step-cost-rounds", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.grids = parse_grids(p, args.grid)
     if not args.name or not all(c.isalnum() or c in "_-" for c in args.name):
         p.error(f"--name {args.name!r}: use letters, digits, '_' and '-' (it names a folder and a page section)")
+    if args.arms is None:
+        args.arms = [a for a in ARMS if family(a) in args.family]
+    if any(k < 2 for k in args.periods):
+        p.error(f"--periods {args.periods}: K must be >= 2 (the no-accumulation arms are K = 1 already)")
+    if args.grid is not None and any(not lr > 0 for lr in args.grid):
+        p.error(f"--grid {args.grid}: learning rates must be > 0")
     args.results = Path(args.results) if args.results else RESULTS / "post_training" / args.name
     return args
 
 
-def parse_grids(parser, specs) -> dict:
-    """task -> family -> lrs: the built-in grids with ``--grid`` overrides applied."""
-    grids = {task: (dict(spec[3]) if spec[3] is not None else None) for task, spec in TASKS.items()}
-    for spec in specs:
-        if len(spec) < 3:
-            parser.error(f"--grid {' '.join(spec)}: expected TASK FAMILY LR [LR ...]")
-        task, family, *lrs = spec
-        if grids.get(task) is None:
-            parser.error(f"--grid task {task!r} has no grid of its own (one of "
-                         f"{[t for t, g in grids.items() if g is not None]})")
-        if family not in ("adamw", "lion"):
-            parser.error(f"--grid family {family!r}: expected adamw or lion")
-        try:
-            values = [float(v) for v in lrs]
-        except ValueError:
-            parser.error(f"--grid {task} {family}: learning rates must be numbers, got {lrs}")
-        if any(not v > 0 for v in values):
-            parser.error(f"--grid {task} {family}: learning rates must be > 0, got {lrs}")
-        grids[task][family] = values
-    return grids
-
-
 # ------------------------------------------------------------------------------ runs
-def run_id(task, method, period, lr, seed) -> str:
-    return f"{task}__{method}__K{period}__lr{lr:g}__s{seed}"
+def run_id(task, regime, schedule, arm, period, lr, seed) -> str:
+    return f"{task}__{regime}__{schedule}__{arm}__K{period}__lr{lr:g}__s{seed}"
+
+
+def parse_run_id(rid: str) -> dict:
+    task, regime, schedule, arm, k, lr, seed = rid.split("__")
+    return dict(task=task, regime=regime, schedule=schedule, arm=arm, K=int(k[1:]), lr=float(lr[2:]),
+                seed=int(seed[1:]))
 
 
 def summary(out: Path, rid: str):
@@ -133,67 +183,123 @@ def summary(out: Path, rid: str):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def train_argv(args, out: Path, task, method, period, lr, seed):
-    kind, data_file, micro_batch, _ = TASKS[task]
-    return ["--task", kind, "--model", args.model, "--train-data", str(data_file), "--optimizer", method,
-            "--period", str(period), "--lr", repr(lr), "--seed", str(seed),
-            "--micro-batch-size", str(micro_batch), "--micro-steps", str(args.micro_steps),
-            "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size),
-            "--max-length", str(args.max_length), "--log-update-variance", "--variance-window", "4",
-            *(["--variance-every", str(args.variance_every)] if args.variance_every else []),
+def lr_grid(args, task, arm):
+    if args.grid is not None:
+        return args.grid
+    return GRIDS[(TASKS[task].kind, args.regime, family(arm), get_method(ARMS[arm][0]).accumulation != "ga")]
+
+
+def extended_grid(out: Path, args, task, arm, period):
+    """The starting grid plus every half-decade run beyond it so far, and the next lr to try (None when the
+    best finished lr is inside the grid, or the extensions are used up)."""
+    grid = sorted(lr_grid(args, task, arm))
+    for direction in (-1, 1):
+        for _ in range(MAX_EXTENSIONS):
+            edge = grid[0] if direction < 0 else grid[-1]
+            beyond = half_decade(edge, direction)
+            if summary(out, run_id(task, args.regime, args.schedule, arm, period, beyond, args.seeds[0])) is None:
+                break
+            grid = sorted(grid + [beyond])
+    best = best_lr(out, args, task, arm, period, grid)
+    if best is None or args.grid is not None or len(grid) < 2:
+        return grid, None
+    if best == grid[0] and len(grid) - len(lr_grid(args, task, arm)) < 2 * MAX_EXTENSIONS:
+        return grid, half_decade(best, -1) if _extensions(grid, lr_grid(args, task, arm), -1) < MAX_EXTENSIONS else None
+    if best == grid[-1]:
+        return grid, half_decade(best, 1) if _extensions(grid, lr_grid(args, task, arm), 1) < MAX_EXTENSIONS else None
+    return grid, None
+
+
+def _extensions(grid, start, direction):
+    return sum(1 for lr in grid if (lr < min(start) if direction < 0 else lr > max(start)))
+
+
+def arm_periods(args, arm):
+    return [1] if is_plain(arm) else args.periods
+
+
+def sft_base_dir(args) -> Path:
+    return Path(args.out) / "sft_base" / "model"
+
+
+def sft_base_argv(args):
+    base = SFT_BASE
+    return ["--task", "sft", "--model", args.model, "--train-data", str(TASKS["sft_alpaca"].data),
+            "--optimizer", base["method"], "--lr", repr(base["lr"]), "--seed", "0",
+            "--micro-batch-size", str(base["micro_batch"]), "--micro-steps", str(base["micro_steps"]),
+            "--max-length", str(base["max_length"]), "--eval-every", "128", "--eval-size", str(args.eval_size),
+            "--output-dir", str(Path(args.out) / "sft_base"), "--overwrite", "--no-progress",
+            "--save-model", str(sft_base_dir(args))]
+
+
+def train_argv(args, task, arm, period, lr, seed, out=None):
+    spec, regime = TASKS[task], REGIMES[args.regime]
+    method, lr_decay = ARMS[arm]
+    model = args.model if spec.base == "shared" else str(sft_base_dir(args))
+    out = Path(out or Path(args.out) / run_id(task, args.regime, args.schedule, arm, period, lr, seed))
+    return ["--task", spec.kind, "--model", model, "--train-data", str(spec.data), "--optimizer", method,
+            *(["--period", str(period)] if not is_plain(arm) else []),
+            *(["--lr-decay", lr_decay] if lr_decay else []),
+            "--lr", repr(lr), "--lr-schedule", args.schedule, "--seed", str(seed),
+            "--micro-batch-size", str(regime.micro_batch[spec.kind]), "--micro-steps", str(regime.micro_steps),
+            "--eval-every", str(regime.eval_every), "--eval-size", str(args.eval_size),
+            "--select-size", str(args.select_size), "--max-length", str(regime.max_length),
+            "--log-update-variance", "--variance-window", "4", "--variance-every", str(regime.variance_every),
             # a run without summary.json crashed earlier: it restarts (its files are set aside, not deleted)
-            "--output-dir", str(out / run_id(task, method, period, lr, seed)), "--overwrite", "--no-progress"]
+            "--output-dir", str(out), "--overwrite", "--no-progress"]
 
 
-def lr_grid(args, task, method):
-    grid = args.grids[task]
-    return grid[get_method(method).family] if grid is not None else None
-
-
-def best_lr(out: Path, task, method, period, seed, grid):
-    finished = [(s["eval_loss"], lr) for lr in grid
-                if (s := summary(out, run_id(task, method, period, lr, seed))) is not None]
+def best_lr(out: Path, args, task, arm, period, grid):
+    """The lr of the lowest final select loss at the first seed (None until one run of the grid finished)."""
+    finished = [(s["select_loss"], lr) for lr in grid
+                if (s := summary(out, run_id(task, args.regime, args.schedule, arm, period, lr, args.seeds[0])))]
     return min(finished)[1] if finished else None
 
 
 def plan_stage_a(args, out, task):
-    if args.grids[task] is None:
-        return []
-    return [(task, m, k, lr, args.seeds[0]) for k in args.periods for m in args.methods
-            for lr in lr_grid(args, task, m)]
+    return [(task, arm, k, lr, args.seeds[0]) for arm in args.arms for k in arm_periods(args, arm)
+            for lr in lr_grid(args, task, arm)]
 
 
-def plan_stage_b(args, out, task):
-    """Other seeds at the best lr; gsm8k takes alpaca's best lrs for every seed."""
-    source = task if args.grids[task] is not None else "sft_alpaca"
-    grid_of = lambda m: lr_grid(args, source, m)  # noqa: E731
-    seeds = args.seeds[1:] if source == task else args.seeds
+def plan_extensions(args, out, task):
+    """One more lr for every (arm, K) whose best lr so far sits at an edge of its grid."""
     runs = []
-    for k in args.periods:
-        for m in args.methods:
-            lr = best_lr(out, source, m, k, args.seeds[0], grid_of(m))
-            if lr is not None:
-                runs += [(task, m, k, lr, s) for s in seeds]
+    for arm in args.arms:
+        for k in arm_periods(args, arm):
+            _, beyond = extended_grid(out, args, task, arm, k)
+            if beyond is not None:
+                runs.append((task, arm, k, beyond, args.seeds[0]))
     return runs
 
 
-STEP_COST_METHODS = ("adamw_pma_reference", "adamw_ga", "lion_pma", "lion_ga")
-# Both AdamW-PMA variants run the same kernel at the same cost: the paper variant is not timed apart.
-STEP_COST_STAND_IN = {"adamw_pma": "adamw_pma_reference"}
+def plan_stage_b(args, out, task):
+    runs = []
+    for arm in args.arms:
+        for k in arm_periods(args, arm):
+            lr = best_lr(out, args, task, arm, k, extended_grid(out, args, task, arm, k)[0])
+            if lr is not None:
+                runs += [(task, arm, k, lr, s) for s in args.seeds[1:]]
+    return runs
 
 
 def step_cost_runs(args):
-    """Short SFT runs cycling through the methods, so machine load hits all of them alike."""
-    return [(m, k, r) for r in range(args.step_cost_rounds) for k in args.periods for m in STEP_COST_METHODS]
+    """(arm, K, round): short runs cycling through the arms, so machine load hits all of them alike."""
+    return [(arm, k, r) for r in range(args.step_cost_rounds) for k in args.periods for arm in args.arms
+            if not (is_plain(arm) and k != args.periods[0])]
 
 
-def step_cost_argv(args, out: Path, method, period, round_):
-    argv = train_argv(args, out, "sft_alpaca", method, period, lr_grid(args, "sft_alpaca", method)[0], 0)
-    argv[argv.index("--micro-steps") + 1] = str(4 * period)
-    argv[argv.index("--eval-size") + 1] = "8"
-    argv[argv.index("--eval-every") + 1] = "0"
-    argv[argv.index("--output-dir") + 1] = str(out / "step_cost" / f"{method}__K{period}__r{round_}")
-    return [a for a in argv if a not in ("--log-update-variance",)]
+def step_cost_dir(args, arm, period, round_) -> Path:
+    return Path(args.out) / "step_cost" / f"{args.regime}__{arm}__K{1 if is_plain(arm) else period}__r{round_}"
+
+
+def step_cost_argv(args, arm, period, round_):
+    argv = train_argv(args, "sft_alpaca", arm, 1 if is_plain(arm) else period, lr_grid(args, "sft_alpaca", arm)[0],
+                      0, out=step_cost_dir(args, arm, period, round_))
+    for flag, value in (("--micro-steps", str(4 * max(args.periods))), ("--eval-every", "0"), ("--eval-size", "8"),
+                        ("--select-size", "0")):
+        argv[argv.index(flag) + 1] = value
+    i = argv.index("--log-update-variance")
+    return argv[:i] + argv[i + 5:]  # no variance probe: it is not part of a step's cost
 
 
 def worker(args) -> None:
@@ -204,20 +310,22 @@ def worker(args) -> None:
 
     out = Path(args.out)
     if args.step_cost:
-        for method, period, round_ in step_cost_runs(args):
-            if not (out / "step_cost" / f"{method}__K{period}__r{round_}" / "summary.json").exists():
-                trainer.run(config.resolve(step_cost_argv(args, out, method, period, round_)))
+        for arm, period, round_ in step_cost_runs(args):
+            if not (step_cost_dir(args, arm, period, round_) / "summary.json").exists():
+                trainer.run(config.resolve(step_cost_argv(args, arm, period, round_)))
         distributed.shutdown(0)
+    if any(TASKS[t].base == "sft_base" for t in args.tasks) and not (sft_base_dir(args) / "config.json").exists():
+        trainer.run(config.resolve(sft_base_argv(args)))
     for task in args.tasks:
-        for stage in (plan_stage_a, plan_stage_b):
+        for stage in (plan_stage_a, *[plan_extensions] * (2 * MAX_EXTENSIONS), plan_stage_b):
             dist.barrier() if dist.is_initialized() else None  # every rank sees the same finished runs
-            for task_, method, period, lr, seed in stage(args, out, task):
-                if summary(out, run_id(task_, method, period, lr, seed)) is not None:
+            for task_, arm, period, lr, seed in stage(args, out, task):
+                rid = run_id(task_, args.regime, args.schedule, arm, period, lr, seed)
+                if summary(out, rid) is not None:
                     continue
-                cfg = config.resolve(train_argv(args, out, task_, method, period, lr, seed))
-                result = trainer.run(cfg)
+                result = trainer.run(config.resolve(train_argv(args, task_, arm, period, lr, seed)))
                 if dist.get_rank() == 0:
-                    print(f"[bench] {run_id(task_, method, period, lr, seed)}: eval_loss={result['eval_loss']:.4f} "
+                    print(f"[bench] {rid}: eval_loss={result['eval_loss']:.4f} select_loss={result['select_loss']:.4f} "
                           f"wall={result['wall_clock']:.1f}s", flush=True)
     distributed.shutdown(0)
 
@@ -234,167 +342,255 @@ def launch(args) -> None:
     subprocess.run(cmd, env=env, check=True, cwd=REPO)
 
 
-# ------------------------------------------------------------------------------ report
-def curve(out: Path, rid: str):
-    return read_metrics(out / rid / "metrics.jsonl", "eval")
+# ------------------------------------------------------------------------------ committed results
+SUMMARY_KEYS = ("task", "optimizer", "period", "lr", "lr_schedule", "lr_decay", "seed", "micro_steps",
+                "micro_batch_size", "world_size", "samples", "optimizer_steps", "wall_clock", "eval_loss",
+                "select_loss", "eval_accuracy", "select_accuracy", "eval_reward_accuracy", "train_records")
+CURVE_COLUMNS = ("run", "kind", "micro_step", "samples", "wall_clock", "eval_loss", "select_loss", "eval_accuracy",
+                 "update_variance", "update_sq_norm", "update_mean_sq_norm", "update_noise_to_signal")
 
 
-def report(args) -> dict:
+def collect(args) -> None:
+    """Fold every finished run under --out into the committed runs.json and curves.csv (runs already there
+    and not under --out are kept, so the benchmark can be run in pieces and on several machines)."""
     out = Path(args.out)
-    runs = {}
+    runs, curves = load_committed(args.results)
     for path in sorted(out.glob("*/summary.json")):
-        runs[path.parent.name] = json.loads(path.read_text())
-    if not runs:  # a report of nothing would overwrite the committed results
-        raise SystemExit(f"no finished runs under {out}: nothing to report ({args.results / 'results.json'} is left as "
-                         f"it is; --page-only re-writes the page from it)")
-    comparisons = []
-    for task in args.tasks:
-        source = task if args.grids[task] is not None else "sft_alpaca"
-        for k in args.periods:
-            best = {}
-            for m in args.methods:
-                grid = lr_grid(args, source, m)
-                best[m] = best_lr(out, source, m, k, args.seeds[0], grid)
-            for m in METHODS:
-                if not get_method(m).is_pma or m not in args.methods:
-                    continue
-                ga = f"{get_method(m).family}_ga"
-                if best.get(m) is None or best.get(ga) is None:
-                    continue
-                per_seed = []
-                for seed in args.seeds:
-                    g, p = run_id(task, ga, k, best[ga], seed), run_id(task, m, k, best[m], seed)
-                    if g not in runs or p not in runs:
-                        continue
-                    target = runs[g]["eval_loss"]
-                    hit = time_to_target(curve(out, p), target)
-                    entry = {"seed": seed, "target": target, "ga_wall": runs[g]["wall_clock"],
-                             "ga_samples": runs[g]["samples"], "pma_final": runs[p]["eval_loss"],
-                             "pma_wall_total": runs[p]["wall_clock"]}
-                    if task.startswith("dpo"):
-                        entry.update(ga_acc=runs[g].get("eval_accuracy"), pma_acc=runs[p].get("eval_accuracy"),
-                                     ga_reward_acc=runs[g].get("eval_reward_accuracy"),
-                                     pma_reward_acc=runs[p].get("eval_reward_accuracy"))
-                    if hit is not None:
-                        entry.update(pma_wall=hit[0], pma_samples=hit[1], time_ratio=runs[g]["wall_clock"] / hit[0]
-                                     if hit[0] > 0 else float("inf"), sample_ratio=runs[g]["samples"] / hit[1]
-                                     if hit[1] > 0 else float("inf"))
-                    per_seed.append(entry)
-                if per_seed:
-                    comparisons.append({"task": task, "K": k, "pma": m, "ga": ga, "pma_lr": best[m],
-                                        "ga_lr": best[ga], "seeds": per_seed})
-    costs = step_costs(out)
-    for c in comparisons:
-        timed_as = STEP_COST_STAND_IN.get(c["pma"], c["pma"])
-        ga_cost, pma_cost = costs.get((c["ga"], c["K"])), costs.get((timed_as, c["K"]))
-        if ga_cost and pma_cost:
-            c["cost_per_micro_step"] = {"ga": ga_cost, "pma": pma_cost}
-            for e in c["seeds"]:
-                if "sample_ratio" in e:
-                    e["cost_adjusted_ratio"] = e["sample_ratio"] * ga_cost / pma_cost
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                           if k not in ("worker", "local_rank", "grid", "page_only")},
-              "step_cost": {f"{m}__K{k}": v for (m, k), v in costs.items()},
-              "comparisons": comparisons, "runs": runs}
+        rid = path.parent.name
+        if rid.count("__") != 6:
+            continue
+        s = json.loads(path.read_text())
+        runs[rid] = {k: s.get(k) for k in SUMMARY_KEYS}
+        rows = read_metrics(path.parent / "metrics.jsonl")
+        curves[rid] = [{c: r.get(c) for c in CURVE_COLUMNS[1:]} for r in rows
+                       if r.get("kind") in ("eval", "update_variance")]
+    for path in (out / "step_cost").glob("*/summary.json"):
+        s = json.loads(path.read_text())
+        runs["step_cost__" + path.parent.name] = {k: s.get(k) for k in SUMMARY_KEYS}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps(result, indent=1))
-    plots(args, out, result)
-    write_page(args, result)
-    print(markdown(result))
-    return result
+    (args.results / "runs.json").write_text(json.dumps(dict(sorted(runs.items())), indent=0))
+    with open(args.results / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        for rid in sorted(curves):
+            for row in curves[rid]:
+                writer.writerow({"run": rid, **{k: _compact(v) for k, v in row.items()}})
 
 
-def write_page(args, result) -> None:
-    """The NAME section of the detail page: every table of ``markdown`` and the plots of the result set."""
-    page = Path(args.page)
-    source = args.results / "results.json"
-    images = [f"![{path.stem}]({link(page, path)})" for path in sorted(args.results.glob("*.png"))]
-    caption = ("Plots (seed 0, best lr per method; a loss plot shows eval loss against training wall-clock on the "
-               "left and against samples on the right):")
-    body = "\n".join([f"Generated by `python benchmarks/post_training.py --name {args.name} --page-only` from "
-                      f"[`{source.name}`]({link(page, source)}); do not edit by hand.", "",
-                      markdown(result), *([caption, "", *images] if images else [])])
-    write_section(page, f"post_training {args.name}", body, "Post-training benchmark: every table and every run")
+def _compact(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def step_costs(out: Path) -> dict:
-    """(method, K) -> median training seconds per micro-step over the interleaved step-cost rounds."""
+def load_committed(results: Path):
+    runs = json.loads((results / "runs.json").read_text()) if (results / "runs.json").exists() else {}
+    curves: dict = {}
+    if (results / "curves.csv").exists():
+        with open(results / "curves.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                rid = row.pop("run")
+                curves.setdefault(rid, []).append(
+                    {k: (v if k == "kind" else (float(v) if v not in ("", None) else None)) for k, v in row.items()})
+    return runs, curves
+
+
+# ------------------------------------------------------------------------------ analysis
+def samples_to_target(curve, target):
+    """Samples at the first linear interpolation of the eval curve through ``target``; None if never reached."""
+    rows = [r for r in curve if r["kind"] == "eval"]
+    for before, after in zip(rows, rows[1:]):
+        if after["eval_loss"] <= target:
+            if before["eval_loss"] <= target:
+                return before["samples"]
+            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
+            return before["samples"] + f * (after["samples"] - before["samples"])
+    return None
+
+
+def settings_of(runs: dict):
+    """(task, regime, schedule, K) for every K a GA arm was run at."""
+    found = set()
+    for rid in runs:
+        if rid.startswith("step_cost__"):
+            continue
+        r = parse_run_id(rid)
+        if not is_plain(r["arm"]):
+            found.add((r["task"], r["regime"], r["schedule"], r["K"]))
+    return sorted(found)
+
+
+def chosen(runs: dict, task, regime, schedule, arm, k):
+    """(best lr by final select loss at the lowest seed, that lr's runs by seed, the whole sweep at that seed)."""
+    sweep = {}
+    for rid, s in runs.items():
+        if rid.startswith("step_cost__"):
+            continue
+        r = parse_run_id(rid)
+        if (r["task"], r["regime"], r["schedule"], r["arm"], r["K"]) == (task, regime, schedule, arm, k):
+            sweep.setdefault(r["lr"], {})[r["seed"]] = rid
+    if not sweep:
+        return None, {}, {}
+    first = min(min(seeds) for seeds in sweep.values())
+    at_first = {lr: seeds[first] for lr, seeds in sweep.items() if first in seeds}
+    lr = min(at_first, key=lambda lr: runs[at_first[lr]]["select_loss"])
+    return lr, sweep[lr], at_first
+
+
+def analyse(runs: dict, curves: dict) -> list:
+    rows = []
+    for task, regime, schedule, k in settings_of(runs):
+        fam_arms = {}
+        for arm in ARMS:
+            kk = 1 if is_plain(arm) else k
+            lr, seeds, sweep = chosen(runs, task, regime, schedule, arm, kk)
+            if lr is not None:
+                fam_arms.setdefault(family(arm), {})[arm] = (lr, seeds, sweep)
+        for fam, arms in fam_arms.items():
+            ga = arms.get(f"{fam}_ga")
+            if ga is None:
+                continue
+            ga_final = [runs[rid]["eval_loss"] for rid in ga[1].values()]
+            target = mean(ga_final)
+            ga_cost = [samples_to_target(curves.get(rid, []), target) for rid in ga[1].values()]
+            ga_mean = mean(c for c in ga_cost if c is not None) if any(c is not None for c in ga_cost) else None
+            for arm, (lr, seeds, sweep) in arms.items():
+                finals = [runs[rid]["eval_loss"] for rid in seeds.values()]
+                costs = [samples_to_target(curves.get(rid, []), target) for rid in seeds.values()]
+                reached = [c for c in costs if c is not None]
+                entry = dict(task=task, regime=regime, schedule=schedule, K=k, family=fam, arm=arm, lr=lr,
+                             seeds=sorted(seeds), target=target, final=finals, samples_to_target=costs,
+                             lr_at_edge=lr in (min(sweep), max(sweep)) and len(sweep) > 1,
+                             sweep={f"{x:g}": runs[rid]["select_loss"] for x, rid in sorted(sweep.items())},
+                             total_samples=runs[next(iter(seeds.values()))]["samples"])
+                if task.startswith("dpo"):
+                    entry["accuracy"] = [runs[rid].get("eval_accuracy") for rid in seeds.values()]
+                entry["noise_to_signal"] = [_last_noise(curves.get(rid, [])) for rid in seeds.values()]
+                entry["update_variance"] = [_last_variance(curves.get(rid, [])) for rid in seeds.values()]
+                if ga_mean and reached:
+                    entry["ratio_vs_ga"] = ga_mean / mean(reached)
+                rows.append(entry)
+    return rows
+
+
+def _last_noise(curve):
+    values = [r["update_noise_to_signal"] for r in curve if r["kind"] == "update_variance"
+              and r.get("update_noise_to_signal") is not None]
+    return mean(values) if values else None
+
+
+def _last_variance(curve):
+    values = [r["update_variance"] for r in curve if r["kind"] == "update_variance"]
+    return mean(values) if values else None
+
+
+def step_costs(runs: dict) -> dict:
+    """(regime, arm, K) -> median training seconds per micro-step over the interleaved rounds."""
     from statistics import median
 
     seconds = {}
-    for path in (out / "step_cost").glob("*/summary.json"):
-        method, period, _ = path.parent.name.split("__")
-        r = json.loads(path.read_text())
-        seconds.setdefault((method, int(period[1:])), []).append(r["wall_clock"] / r["micro_steps"])
-    return {key: median(values) for key, values in seconds.items()}
+    for rid, s in runs.items():
+        if rid.startswith("step_cost__"):
+            regime, arm, k, _ = rid.removeprefix("step_cost__").split("__")
+            seconds.setdefault((regime, arm, int(k[1:])), []).append(s["wall_clock"] / s["micro_steps"])
+    return {key: median(v) for key, v in seconds.items()}
 
 
-def _fmt_ratio(entries, key):
-    values = [e[key] for e in entries if key in e]
-    missed = sum(key not in e for e in entries)
+def _spread(values, fmt="{:.3f}"):
+    values = [v for v in values if v is not None]
     if not values:
-        return f"not reached ({missed}/{len(entries)})"
-    text = f"{mean(values):.2f}" + (f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else "")
-    return text + (f", missed {missed}/{len(entries)}" if missed else "")
+        return "-"
+    text = fmt.format(mean(values))
+    return text + (f" ± {fmt.format(pstdev(values))}" if len(values) > 1 else "")
 
 
-def markdown(result) -> str:
-    lines = ["| task | K | PMA method (lr) | GA baseline (lr) | seeds | time ratio GA/PMA (measured) "
-             "| samples ratio GA/PMA | cost-adjusted time ratio | GA final eval | PMA final eval | DPO acc GA / PMA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in result["comparisons"]:
-        s = c["seeds"]
-        acc = "-"
-        if c["task"].startswith("dpo"):
-            acc = f"{mean(e['ga_acc'] for e in s):.3f} / {mean(e['pma_acc'] for e in s):.3f}"
-        lines.append(f"| {c['task']} | {c['K']} | {c['pma']} ({c['pma_lr']:g}) | {c['ga']} ({c['ga_lr']:g}) | {len(s)} "
-                     f"| {_fmt_ratio(s, 'time_ratio')} | {_fmt_ratio(s, 'sample_ratio')} "
-                     f"| {_fmt_ratio(s, 'cost_adjusted_ratio') if 'cost_per_micro_step' in c else '-'} "
-                     f"| {mean(e['target'] for e in s):.4f} | {mean(e['pma_final'] for e in s):.4f} | {acc} |")
-    if result["step_cost"]:
-        lines += ["", "Seconds per micro-step (median of interleaved rounds, 2 ranks, training only):", "",
-                  "| method, K | s / micro-step |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" for key, value in sorted(result["step_cost"].items())]
-    lines += ["", "Full sweep (final eval loss, training wall-clock s):", "",
-              "| run | eval loss | DPO acc | wall-clock s | optimizer steps |", "|---|---|---|---|---|"]
-    for rid, r in sorted(result["runs"].items()):
-        acc = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "-"
-        lines.append(f"| {rid} | {r['eval_loss']:.4f} | {acc} | {r['wall_clock']:.1f} | {r['optimizer_steps']} |")
+def _cost(entry):
+    costs = entry["samples_to_target"]
+    reached = [c for c in costs if c is not None]
+    missed = len(costs) - len(reached)
+    if not reached:
+        return f"not reached (0/{len(costs)})"
+    text = f"{mean(reached):.0f}" + (f" [{min(reached):.0f}-{max(reached):.0f}]" if len(reached) > 1 else "")
+    return text + (f", missed {missed}/{len(costs)}" if missed else "")
+
+
+def markdown(rows: list, runs: dict) -> str:
+    lines = []
+    for key in sorted({(r["task"], r["regime"], r["schedule"], r["K"]) for r in rows}):
+        task, regime, schedule, k = key
+        group = [r for r in rows if (r["task"], r["regime"], r["schedule"], r["K"]) == key]
+        dpo = task.startswith("dpo")
+        lines += [f"#### {task}, regime {regime}, lr {schedule}, K = {k}", "",
+                  f"Target: GA's mean final eval loss, {group[0]['target']:.4f}; {group[0]['total_samples']} samples "
+                  f"per run; seeds {', '.join(map(str, group[0]['seeds']))}.", "",
+                  "| arm (K) | lr (select split) | final eval loss | samples to target | GA / arm | "
+                  + ("eval accuracy | " if dpo else "") + "update noise/signal | update variance |",
+                  "|---|---|---|---|---|" + ("---|" if dpo else "") + "---|---|"]
+        for r in sorted(group, key=lambda r: (r["family"], list(ARMS).index(r["arm"]))):
+            edge = " (grid edge)" if r["lr_at_edge"] else ""
+            ratio = f"{r['ratio_vs_ga']:.2f}x" if "ratio_vs_ga" in r else "-"
+            lines.append(f"| {r['arm']} ({1 if is_plain(r['arm']) else k}) | {r['lr']:g}{edge} | {_spread(r['final'])} "
+                         f"| {_cost(r)} | {ratio} | " + (f"{_spread(r['accuracy'])} | " if dpo else "")
+                         + f"{_spread(r['noise_to_signal'], '{:.3g}')} | {_spread(r['update_variance'], '{:.3g}')} |")
+        lines.append("")
+    costs = step_costs(runs)
+    if costs:
+        lines += ["Seconds per micro-step (median of interleaved rounds, 2 ranks, training only):", "",
+                  "| regime | arm | K | s / micro-step |", "|---|---|---|---|"]
+        lines += [f"| {g} | {a} | {k} | {v:.4f} |" for (g, a, k), v in sorted(costs.items())]
+        lines.append("")
+    lines += ["Full sweep (every run: final select and eval loss):", "",
+              "| run | select loss | eval loss | eval accuracy | samples | optimizer steps |", "|---|---|---|---|---|---|"]
+    for rid, r in sorted(runs.items()):
+        if rid.startswith("step_cost__"):
+            continue
+        acc = f"{r['eval_accuracy']:.3f}" if r.get("eval_accuracy") is not None else "-"
+        lines.append(f"| {rid} | {r['select_loss']:.4f} | {r['eval_loss']:.4f} | {acc} | {r['samples']} "
+                     f"| {r['optimizer_steps']} |")
     return "\n".join(lines) + "\n"
 
 
-def plots(args, out: Path, result) -> None:
-    from recipes.posttrain.plots import plot_loss_vs_time, plot_update_variance
+def plots(args, rows, curves) -> None:
+    import matplotlib
 
-    for task in args.tasks:
-        for k in args.periods:
-            chosen = {}
-            for c in result["comparisons"]:
-                if c["task"] == task and c["K"] == k:
-                    seed = args.seeds[0]
-                    chosen[f"{c['pma']} lr={c['pma_lr']:g}"] = out / run_id(task, c["pma"], k, c["pma_lr"], seed) / "metrics.jsonl"
-                    chosen[f"{c['ga']} lr={c['ga_lr']:g}"] = out / run_id(task, c["ga"], k, c["ga_lr"], seed) / "metrics.jsonl"
-            chosen = {label: path for label, path in chosen.items() if path.exists()}
-            if chosen:
-                plot_loss_vs_time(chosen, args.results / f"{task}_K{k}_loss.png",
-                                  title=f"{task}, K={k}, best lr per method, seed {args.seeds[0]} (2 CPU ranks)")
-                plot_update_variance(dict(chosen, **every_micro_batch_baselines(args, out, task, k)),
-                                     args.results / f"{task}_K{k}_update_variance.png",
-                                     title=f"{task}, K={k}: last-layer update variance per K micro-batches")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in sorted({(r["task"], r["regime"], r["schedule"], r["K"]) for r in rows}):
+        task, regime, schedule, k = key
+        group = [r for r in rows if (r["task"], r["regime"], r["schedule"], r["K"]) == key]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in group:
+            rid = run_id(task, regime, schedule, r["arm"], 1 if is_plain(r["arm"]) else k, r["lr"], r["seeds"][0])
+            evals = [c for c in curves.get(rid, []) if c["kind"] == "eval"]
+            ax.plot([c["samples"] for c in evals], [c["eval_loss"] for c in evals], marker="o", ms=3,
+                    label=f"{r['arm']} lr={r['lr']:g}")
+        ax.axhline(group[0]["target"], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("training samples (all ranks)")
+        ax.set_ylabel("held-out eval loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{task}, {regime}, {schedule}, K={k} (best lr, seed {group[0]['seeds'][0]})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.results / f"{task}_{regime}_{schedule}_K{k}.png", dpi=100)
+        plt.close(fig)
 
 
-def every_micro_batch_baselines(args, out: Path, task, k) -> dict:
-    """Best-lr K = 1 runs of the GA methods (plain AdamW / Lion on every micro-batch, the paper's EMA
-    baseline) that were measured per K micro-steps (``--variance-every K``), for the K plot."""
-    source = task if args.grids[task] is not None else "sft_alpaca"
-    found = {}
-    for m in ("adamw_ga", "lion_ga"):
-        lr = best_lr(out, task, m, 1, args.seeds[0], lr_grid(args, source, m))
-        path = out / run_id(task, m, 1, lr, args.seeds[0]) / "metrics.jsonl" if lr is not None else None
-        rows = read_metrics(path, "update_variance") if path is not None and path.exists() else []
-        if rows and rows[0]["window_periods"] * k == rows[0]["micro_step"]:  # measured per k micro-steps
-            found[f"{m.split('_')[0]} K=1 (EMA, every micro-batch) lr={lr:g}"] = path
-    return found
+def report(args) -> list:
+    runs, curves = load_committed(args.results)
+    if not runs:
+        raise SystemExit(f"no runs in {args.results / 'runs.json'}: run the benchmark first")
+    rows = analyse(runs, curves)
+    (args.results / "results.json").write_text(json.dumps({"comparisons": rows}, indent=1))
+    plots(args, rows, curves)
+    page = Path(args.page)
+    images = [f"![{p.stem}]({link(page, p)})" for p in sorted(args.results.glob("*.png"))]
+    body = "\n".join([f"Generated by `python benchmarks/post_training.py --name {args.name} --report-only` from "
+                      f"[`runs.json`]({link(page, args.results / 'runs.json')}) and "
+                      f"[`curves.csv`]({link(page, args.results / 'curves.csv')}); do not edit by hand.", "",
+                      markdown(rows, runs), "Eval loss against samples (seed 0, best lr per arm; dashed: the target):",
+                      "", *images])
+    write_section(page, f"post_training {args.name}", body, "Post-training benchmark: every table and every run")
+    print(markdown(rows, {}))
+    return rows
 
 
 def main(argv=None) -> None:
@@ -402,14 +598,9 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    if args.page_only:
-        source = args.results / "results.json"
-        if not source.exists():
-            raise SystemExit(f"--page-only: {source} does not exist (run the benchmark or --report-only first)")
-        write_page(args, json.loads(source.read_text()))
-        return
     if not args.report_only:
         launch(args)
+        collect(args)
     report(args)
 
 

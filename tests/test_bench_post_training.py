@@ -1,4 +1,4 @@
-"""benchmarks/post_training.py without training: lr-grid flags, the job it builds, and the report's ratios."""
+"""benchmarks/post_training.py without training: the jobs it builds, the committed results, and the report's numbers."""
 import json
 
 import pytest
@@ -8,121 +8,184 @@ from tests.launching import load_script
 bench = load_script("benchmarks/post_training.py")
 
 
-def test_grid_flags_replace_one_family_of_one_task():
-    args = bench.parse_args(["--grid", "dpo_hh", "adamw", "3e-5", "1e-4", "--grid", "sft_alpaca", "lion", "1e-4"])
-    assert args.grids["dpo_hh"]["adamw"] == [3e-5, 1e-4]
-    assert args.grids["dpo_hh"]["lion"] == bench.TASKS["dpo_hh"][3]["lion"]
-    assert args.grids["sft_alpaca"]["lion"] == [1e-4]
-    assert args.grids["sft_gsm8k"] is None  # reuses alpaca's best lrs
-    assert bench.TASKS["dpo_hh"][3]["adamw"] == [3e-5, 1e-4, 3e-4, 1e-3]  # the built-in table is not modified
-    assert bench.lr_grid(args, "dpo_hh", "adamw_pma") == [3e-5, 1e-4]
-    assert bench.lr_grid(args, "dpo_hh", "lion_ga") == bench.TASKS["dpo_hh"][3]["lion"]
+def _args(tmp_path, *extra):
+    return bench.parse_args(["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                             "--page", str(tmp_path / "page.md"), "--name", "tiny", *extra])
 
 
-@pytest.mark.parametrize("grid, message", [
-    (["sft_gsm8k", "adamw", "1e-3"], "--grid task 'sft_gsm8k' has no grid of its own"),
-    (["sft_alpaca", "sgd", "1e-3"], "--grid family 'sgd': expected adamw or lion"),
-    (["sft_alpaca", "adamw", "fast"], "learning rates must be numbers, got ['fast']"),
-    (["sft_alpaca", "adamw", "0"], "learning rates must be > 0, got ['0']"),
-    (["sft_alpaca", "adamw"], "expected TASK FAMILY LR [LR ...]"),
+def _flag(argv, flag):
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_each_arm_builds_its_own_job(tmp_path):
+    args = _args(tmp_path, "--regime", "paper", "--periods", "4", "16")
+    pma = bench.train_argv(args, "sft_alpaca", "adamw_pma-periodic", 16, 3e-3, 2)
+    assert (_flag(pma, "--optimizer"), _flag(pma, "--period"), _flag(pma, "--lr-decay")) == ("adamw_pma", "16", "periodic")
+    # the paper regime: one 256-token sequence per rank; the two held-out splits; variance per 16 micro-steps
+    assert (_flag(pma, "--micro-batch-size"), _flag(pma, "--max-length"), _flag(pma, "--micro-steps")) == ("1", "256", "256")
+    assert (_flag(pma, "--select-size"), _flag(pma, "--eval-size"), _flag(pma, "--variance-every")) == ("64", "64", "16")
+    assert _flag(pma, "--output-dir") == str(tmp_path / "runs" / "sft_alpaca__paper__constant__adamw_pma-periodic__K16__lr0.003__s2")
+    plain = bench.train_argv(args, "sft_alpaca", "adamw", 1, 1e-3, 0)
+    assert _flag(plain, "--optimizer") == "adamw" and "--period" not in plain and "--lr-decay" not in plain
+    ga = bench.train_argv(args, "sft_alpaca", "adamw_ga", 4, 1e-3, 0)
+    assert (_flag(ga, "--optimizer"), _flag(ga, "--period"), _flag(ga, "--lr-decay")) == ("adamw_ga", "4", None)
+    dpo = bench.train_argv(_args(tmp_path, "--regime", "today", "--schedule", "warmup_cosine"), "dpo_gpt4", "adamw_pma", 8,
+                           1e-4, 0)
+    assert _flag(dpo, "--model") == str(tmp_path / "runs" / "sft_base" / "model")  # DPO starts from the SFT base
+    assert (_flag(dpo, "--micro-batch-size"), _flag(dpo, "--lr-schedule"), _flag(dpo, "--lr-decay")) == ("2", "warmup_cosine", "none")
+
+
+def test_every_job_argv_is_one_the_trainer_accepts(tmp_path):
+    from recipes.posttrain import config
+
+    args = _args(tmp_path, "--family", "adamw", "lion", "--periods", "8")
+    for task, arm, k, lr, seed in bench.plan_stage_a(args, tmp_path, "sft_alpaca"):
+        cfg = config.resolve(bench.train_argv(args, task, arm, k, lr, seed))
+        method, lr_decay = bench.ARMS[arm]
+        assert (cfg.optimizer, cfg.period, cfg.optimizer_params.get("lr_decay")) == (method, k, lr_decay)
+    assert sorted({(a, k) for _, a, k, _, _ in bench.plan_stage_a(args, tmp_path, "sft_alpaca")}) == sorted(
+        [("adamw_pma", 8), ("adamw_pma-periodic", 8), ("adamw_ga", 8), ("adamw", 1), ("lion_pma", 8), ("lion_ga", 8),
+         ("lion", 1)])
+    cost = bench.step_cost_argv(args, "adamw_pma", 8, 0)
+    assert "--log-update-variance" not in cost and "--variance-every" not in cost and _flag(cost, "--micro-steps") == "32"
+    config.resolve(cost)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--periods", "1", "8"], "K must be >= 2"),
+    (["--grid", "1e-3", "0"], "learning rates must be > 0"),
+    (["--name", "a/b"], "use letters, digits"),
 ])
-def test_bad_grid_flags_are_named(capsys, grid, message):
+def test_bad_flags_are_named(capsys, tmp_path, flags, message):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--grid", *grid])
+        _args(tmp_path, *flags)
     assert message in capsys.readouterr().err
 
 
-def test_every_job_starts_from_the_chosen_model(tmp_path):
-    args = bench.parse_args(["--model", "runs/base_3m"])
-    argv = bench.train_argv(args, tmp_path, "sft_alpaca", "adamw_pma", 8, 1e-3, 1)
-    assert argv[argv.index("--model") + 1] == "runs/base_3m"
-    assert argv[argv.index("--optimizer") + 1] == "adamw_pma" and argv[argv.index("--period") + 1] == "8"
-    assert argv[argv.index("--output-dir") + 1] == str(tmp_path / "sft_alpaca__adamw_pma__K8__lr0.001__s1")
-
-
-def _fake_run(out, rid, evals, samples_per_eval, seconds_per_eval):
+def _fake_run(out, rid, evals, select, samples_per_eval=100):
+    """A finished run: an eval curve (one point per ``samples_per_eval`` samples) and its final select loss."""
     (out / rid).mkdir(parents=True)
-    rows = [{"kind": "eval", "eval_loss": loss, "samples": i * samples_per_eval, "wall_clock": i * seconds_per_eval}
-            for i, loss in enumerate(evals)]
+    rows = [{"kind": "eval", "micro_step": i, "eval_loss": loss, "select_loss": select, "samples": i * samples_per_eval,
+             "wall_clock": float(i)} for i, loss in enumerate(evals)]
+    rows.append({"kind": "update_variance", "micro_step": 1, "samples": 0, "wall_clock": 0.0, "update_variance": 2e-6,
+                 "update_sq_norm": 1e-3, "update_mean_sq_norm": 4e-4, "update_noise_to_signal": 0.5})
     (out / rid / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    last = rows[-1]
-    (out / rid / "summary.json").write_text(json.dumps({"eval_loss": last["eval_loss"], "samples": last["samples"],
-                                                        "wall_clock": last["wall_clock"], "optimizer_steps": 1}))
+    (out / rid / "summary.json").write_text(json.dumps({"eval_loss": evals[-1], "select_loss": select,
+                                                        "samples": rows[len(evals) - 1]["samples"], "optimizer_steps": 1,
+                                                        "micro_steps": 2, "wall_clock": 1.0}))
 
 
-def test_report_picks_best_lr_and_measures_time_to_the_ga_loss(tmp_path):
-    results, page = tmp_path / "results", tmp_path / "page.md"
-    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--methods", "adamw_pma",
-                             "adamw_ga", "--periods", "8", "--seeds", "0", "--grid", "sft_alpaca", "adamw", "1e-3",
-                             "3e-3", "--name", "tiny", "--results", str(results), "--page", str(page)])
-    rid = lambda m, lr: bench.run_id("sft_alpaca", m, 8, lr, 0)  # noqa: E731
-    _fake_run(tmp_path, rid("adamw_ga", 1e-3), [4.0, 3.5, 3.0], 100, 10.0)        # GA best: 3.0 at 200 samples
-    _fake_run(tmp_path, rid("adamw_ga", 3e-3), [4.0, 3.8, 3.4], 100, 10.0)
-    _fake_run(tmp_path, rid("adamw_pma", 1e-3), [4.0, 3.3, 2.9], 100, 20.0)
-    _fake_run(tmp_path, rid("adamw_pma", 3e-3), [4.0, 3.5, 2.5], 100, 20.0)  # PMA best: 2.5
-    result = bench.report(args)
-    (comparison,) = result["comparisons"]
-    assert (comparison["pma_lr"], comparison["ga_lr"]) == (3e-3, 1e-3)
-    (seed,) = comparison["seeds"]
-    # PMA crosses 3.0 halfway between its evaluations at 100 and 200 samples: 150 samples, 30 s
-    assert seed["target"] == 3.0 and seed["pma_samples"] == pytest.approx(150.0)
-    assert seed["sample_ratio"] == pytest.approx(200 / 150) and seed["time_ratio"] == pytest.approx(20.0 / 30.0)
-    assert (results / "sft_alpaca_K8_loss.png").exists()
-    assert json.loads((results / "results.json").read_text())["comparisons"] == result["comparisons"]
-    text = page.read_text()
-    assert "<!-- generated: post_training tiny -->" in text and "| sft_alpaca | 8 | adamw_pma (0.003) |" in text
-    assert "](results/sft_alpaca_K8_loss.png)" in text  # the plot, linked relative to the page
+def _rid(arm, k, lr, seed=0):
+    return bench.run_id("sft_alpaca", "paper", "constant", arm, k, lr, seed)
+
+
+def _setting(tmp_path):
+    out = tmp_path / "runs"
+    # GA: lr 1e-3 has the lower select loss (it is chosen) though 3e-3 has the lower eval loss; its curve dips
+    # below its own final loss before the end, so its cost to the target is that first crossing, not the run
+    _fake_run(out, _rid("adamw_ga", 8, 1e-3), [4.0, 2.9, 3.1, 3.0], select=3.05)
+    _fake_run(out, _rid("adamw_ga", 8, 1e-3, 1), [4.0, 3.2, 3.0, 3.0], select=3.0)
+    _fake_run(out, _rid("adamw_ga", 8, 3e-3), [4.0, 3.5, 3.0, 2.0], select=3.3)
+    _fake_run(out, _rid("adamw_pma", 8, 1e-3), [4.0, 3.0, 2.5, 2.4], select=2.5)  # reaches 3.0 at 100 samples
+    _fake_run(out, _rid("adamw", 1, 1e-3), [4.0, 3.8, 3.6, 3.5], select=3.5)  # never reaches it
+    return out
+
+
+def test_report_is_symmetric_and_chooses_on_the_select_split(tmp_path):
+    args = _args(tmp_path)
+    out = _setting(tmp_path)
+    bench.collect(args)
+    rows = {r["arm"]: r for r in bench.report(args)}
+    assert rows["adamw_ga"]["lr"] == 1e-3 and rows["adamw_ga"]["seeds"] == [0, 1]
+    target = (3.0 + 3.0) / 2  # GA's mean final eval loss over its seeds
+    assert rows["adamw_ga"]["target"] == target
+    # GA seed 0 crosses 3.0 between 100 (4.0 -> 2.9 : 1/1.1 of the way) and seed 1 at 200 samples
+    ga_costs = [100 * (1.0 / 1.1), 200.0]
+    assert rows["adamw_ga"]["samples_to_target"] == pytest.approx(ga_costs)
+    assert rows["adamw_pma"]["samples_to_target"] == [100.0]
+    assert rows["adamw_pma"]["ratio_vs_ga"] == pytest.approx(sum(ga_costs) / 2 / 100.0)
+    assert rows["adamw"]["samples_to_target"] == [None] and "ratio_vs_ga" not in rows["adamw"]
+    assert rows["adamw"]["K"] == 8  # the no-accumulation arm (K = 1) is compared at the K of the GA run
+    assert rows["adamw_pma"]["noise_to_signal"] == [0.5]
+    text = (tmp_path / "page.md").read_text()
+    assert "| adamw (1) | 0.001 | 3.500 | not reached (0/1) | - | 0.5 | 2e-06 |" in text
+    assert "| adamw_ga (8) | 0.001 (grid edge) | 3.000 ± 0.000 | 145 [91-200] | 1.00x |" in text
+    assert (tmp_path / "results" / "sft_alpaca_paper_constant_K8.png").exists()
+    assert out.exists()
+
+
+def test_report_only_works_from_the_committed_files_alone(tmp_path):
+    import shutil
+
+    args = _args(tmp_path)
+    out = _setting(tmp_path)
+    bench.collect(args)
+    before = bench.report(args)
+    shutil.rmtree(out)  # a fresh clone: no runs, only the committed runs.json and curves.csv
+    (tmp_path / "page.md").unlink()
+    bench.main(["--report-only", "--results", str(tmp_path / "results"), "--page", str(tmp_path / "page.md"),
+                "--name", "tiny"])
+    after = json.loads((tmp_path / "results" / "results.json").read_text())["comparisons"]
+    assert [(a["arm"], a["lr"], a["final"]) for a in after] == [(b["arm"], b["lr"], b["final"]) for b in before]
+    # curves.csv keeps 6 significant digits: the interpolated costs agree to that
+    for a, b in zip(after, before):
+        assert a["samples_to_target"] == [pytest.approx(x, rel=1e-5) if x is not None else None
+                                          for x in b["samples_to_target"]]
+    assert "<!-- generated: post_training tiny -->" in (tmp_path / "page.md").read_text()
+
+
+def test_collect_keeps_committed_runs_not_under_out(tmp_path):
+    args = _args(tmp_path)
+    _setting(tmp_path)
+    bench.collect(args)
+    other = tmp_path / "elsewhere"
+    _fake_run(other, _rid("adamw_pma", 8, 3e-3), [4.0, 3.0], select=2.9)
+    bench.collect(_args(tmp_path, "--out", str(other)))
+    runs = json.loads((tmp_path / "results" / "runs.json").read_text())
+    assert _rid("adamw_pma", 8, 3e-3) in runs and _rid("adamw_ga", 8, 1e-3) in runs
+
+
+def test_report_without_results_names_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="no runs in .*runs.json"):
+        bench.report(_args(tmp_path))
 
 
 def test_page_section_is_replaced_in_place_and_other_text_kept(tmp_path):
-    results, page = tmp_path / "results", tmp_path / "page.md"
-    results.mkdir()
-    (results / "results.json").write_text(json.dumps({"step_cost": {}, "comparisons": [], "runs": {
-        "sft_alpaca__adamw_ga__K8__lr0.001__s0": {"eval_loss": 3.0, "wall_clock": 2.0, "optimizer_steps": 16}}}))
+    args = _args(tmp_path)
+    _setting(tmp_path)
+    bench.collect(args)
+    page = tmp_path / "page.md"
     page.write_text("# Page\n\nhand-written prose\n\n<!-- generated: post_training tiny -->\nstale\n"
                     "<!-- end generated: post_training tiny -->\n\nmore prose\n")
-    bench.main(["--name", "tiny", "--results", str(results), "--page", str(page), "--page-only"])
+    bench.report(args)
     text = page.read_text()
     assert "stale" not in text and "hand-written prose" in text and text.endswith("more prose\n")
-    assert "| sft_alpaca__adamw_ga__K8__lr0.001__s0 | 3.0000 | - | 2.0 | 16 |" in text
+    assert f"| {_rid('adamw_ga', 8, 3e-3)} | 3.3000 | 2.0000 | - | 300 | 1 |" in text
 
 
-def test_report_without_runs_keeps_the_committed_results(tmp_path):
-    with pytest.raises(SystemExit, match="no finished runs under"):
-        bench.report(bench.parse_args(["--out", str(tmp_path / "none"), "--results", str(tmp_path / "results")]))
-    assert not (tmp_path / "results").exists()
-    with pytest.raises(SystemExit, match="--page-only: .* does not exist"):
-        bench.main(["--results", str(tmp_path / "results"), "--page-only"])
+def test_step_costs_are_medians_per_regime_arm_and_k(tmp_path):
+    runs = {f"step_cost__paper__adamw_pma__K8__r{r}": {"wall_clock": w, "micro_steps": 32}
+            for r, w in enumerate((3.2, 6.4, 4.8))}
+    assert bench.step_costs(runs) == {("paper", "adamw_pma", 8): pytest.approx(4.8 / 32)}
 
 
-def test_paper_variant_is_costed_with_the_timed_adamw_pma(tmp_path):
-    for method in ("adamw_pma_reference", "adamw_ga"):
-        run = tmp_path / "step_cost" / f"{method}__K8__r0"
-        run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({"wall_clock": 4.0 if method == "adamw_ga" else 6.0,
-                                                      "micro_steps": 32}))
-    rid = lambda m, lr: bench.run_id("sft_alpaca", m, 8, lr, 0)  # noqa: E731
-    _fake_run(tmp_path, rid("adamw_ga", 1e-3), [4.0, 3.5, 3.0], 100, 10.0)
-    _fake_run(tmp_path, rid("adamw_pma", 1e-3), [4.0, 3.0, 2.9], 100, 20.0)  # reaches 3.0 at 100 samples
-    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--methods", "adamw_pma", "adamw_ga",
-                             "--periods", "8", "--seeds", "0", "--grid", "sft_alpaca", "adamw", "1e-3",
-                             "--results", str(tmp_path / "results"), "--page", str(tmp_path / "page.md")])
-    (comparison,) = bench.report(args)["comparisons"]
-    assert comparison["cost_per_micro_step"] == {"ga": 4.0 / 32, "pma": 6.0 / 32}
-    # samples ratio 200 / 100, times GA's cost over PMA's per micro-step
-    assert comparison["seeds"][0]["cost_adjusted_ratio"] == pytest.approx(2.0 * 4.0 / 6.0)
+def test_half_decade_ladder():
+    assert [bench.half_decade(x, 1) for x in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert [bench.half_decade(x, -1) for x in (1e-3, 3e-3, 3e-5)] == [3e-4, 1e-3, 1e-5]
 
 
-def test_every_micro_batch_baseline_joins_only_the_plot_of_the_k_it_was_measured_at(tmp_path):
-    args = bench.parse_args(["--out", str(tmp_path), "--tasks", "sft_alpaca", "--seeds", "0",
-                             "--grid", "sft_alpaca", "adamw", "1e-3", "3e-3"])
-    for lr, loss in ((1e-3, 2.5), (3e-3, 2.9)):
-        rid = bench.run_id("sft_alpaca", "adamw_ga", 1, lr, 0)
-        _fake_run(tmp_path, rid, [4.0, loss], 100, 10.0)
-        # --variance-every 8, window of 4 measured updates: the first row lands at micro-step 32
-        row = {"kind": "update_variance", "micro_step": 32, "window_periods": 4, "update_variance": 1e-6}
-        with (tmp_path / rid / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    found = bench.every_micro_batch_baselines(args, tmp_path, "sft_alpaca", 8)
-    assert list(found) == ["adamw K=1 (EMA, every micro-batch) lr=0.001"]  # the best-lr run
-    assert bench.every_micro_batch_baselines(args, tmp_path, "sft_alpaca", 4) == {}
+def test_grid_is_extended_while_the_best_lr_sits_at_an_edge(tmp_path):
+    args = _args(tmp_path, "--regime", "paper")
+    out = tmp_path / "runs"
+    grid = bench.lr_grid(args, "sft_alpaca", "adamw")  # steps every micro-batch: the lower grid
+    assert grid == [3e-4, 1e-3, 3e-3] and bench.lr_grid(args, "sft_alpaca", "adamw_ga") == [1e-3, 3e-3, 1e-2]
+    for lr, select in zip(grid, (2.9, 3.0, 3.1)):  # the lowest lr is best: try one half-decade lower
+        _fake_run(out, _rid("adamw", 1, lr), [4.0, select], select=select)
+    assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == (grid, 1e-4)
+    assert bench.plan_extensions(args, out, "sft_alpaca") == [("sft_alpaca", "adamw", 1, 1e-4, 0)]
+    _fake_run(out, _rid("adamw", 1, 1e-4), [4.0, 2.8], select=2.8)  # still the edge: once more
+    assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == ([1e-4] + grid, 3e-5)
+    _fake_run(out, _rid("adamw", 1, 3e-5), [4.0, 2.7], select=2.7)  # extensions used up: stop there
+    assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == ([3e-5, 1e-4] + grid, None)
+    # stage B runs the other seeds at the best lr of the extended grid
+    assert bench.plan_stage_b(args, out, "sft_alpaca") == [("sft_alpaca", "adamw", 1, 3e-5, 1), ("sft_alpaca", "adamw", 1, 3e-5, 2)]
