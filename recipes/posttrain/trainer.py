@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pma_dist import distributed
 
-from . import checkpoints, data, fallback, peak_memory, reference, run_dir, sharded_load
+from . import checkpoints, data, fallback, peak_memory, reference, run_dir, sharded_load, token_cache
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -109,12 +109,23 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
+    """The tokenised train and eval sets: from this process's memory, else tokenised once per run
+    (rank 0; the other ranks read its cache file, see :mod:`recipes.posttrain.token_cache`). Collective."""
     args = cfg.settings
     key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.max_train_records,
            args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
         _DATASETS.clear()
-        _DATASETS[key] = _load_datasets(cfg, tokenizer)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+
+        def build() -> dict:
+            sets = _load_datasets(cfg, tokenizer)
+            return {"train": sets.train, "eval": sets.eval}
+
+        sets = token_cache.load_once(build, Path(args.output_dir) / token_cache.FILE,
+                                     token_cache.fingerprint(cfg, tokenizer), distributed.rank_info().local_rank,
+                                     say=lambda message: _say(rank, message))
+        _DATASETS[key] = Datasets(train=sets["train"], eval=sets["eval"])
     return _DATASETS[key]
 
 
