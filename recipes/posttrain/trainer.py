@@ -330,8 +330,8 @@ class Job:
                  "nonfinite_steps_skipped": self.skipped_steps}
         self.engine.save(self.ckpt_dir, tag, state)
         dist.barrier()
+        checkpoints.write_manifest(self.ckpt_dir / tag, state, collective=True)  # each rank hashes its share
         if self.rank == 0:
-            checkpoints.write_manifest(self.ckpt_dir / tag, state)
             checkpoints.publish(self.ckpt_dir, tag, self.cfg.settings.keep_checkpoints, self.lineage)
         dist.barrier()
 
@@ -357,10 +357,11 @@ def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
     if tag is None:
         _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
         return None, {}
-    try:
-        state = checkpoints.verify(ckpt_dir / tag)
+    try:  # collective: each rank checks its share of the files, all raise the same error
+        state = checkpoints.verify(ckpt_dir / tag, collective=True)
     except checkpoints.CheckpointError as exc:
-        raise checkpoints.CheckpointError(f"{exc}{checkpoints.older_intact_hint(ckpt_dir, tag)}") from None
+        hint = checkpoints.older_intact_hint(ckpt_dir, tag, collective=True)
+        raise checkpoints.CheckpointError(f"{exc}{hint}") from None
     # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's; keys added to the
     # identity later are compared only where the checkpoint has them
     saved = dict({"checkpoint_format": "deepspeed"}, **state.get("identity", {}))
