@@ -131,3 +131,13 @@ def test_a_data_error_is_the_same_on_both_ranks(two_ranks):
     assert "bad.jsonl line 21: missing field 'output'" in errors["missing_field"]
     assert errors["overlong"] == errors["overlong_per_rank"]
     assert "line 1:" in errors["overlong"] and "longer than max length 8" in errors["overlong"]
+
+
+def test_tokenizer_files_are_keyed_by_content_weights_are_not(tmp_path, tokenizer):
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 10)
+    before = token_cache._tokenizer_facts(str(tmp_path), tokenizer)
+    (tmp_path / "model.safetensors").write_bytes(b"v" * 12)  # new weights: the same token ids
+    assert token_cache._tokenizer_facts(str(tmp_path), tokenizer) == before
+    (tmp_path / "tokenizer.json").write_text('{"model": 2}')
+    assert token_cache._tokenizer_facts(str(tmp_path), tokenizer) != before
