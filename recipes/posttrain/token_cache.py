@@ -168,7 +168,8 @@ def _build_and_save(build: Callable[[], Sets], path: Path, key: str, say: Callab
     began = time.perf_counter()
     sets = build()
     save(path, key, sets)
-    say(f"tokenised in {time.perf_counter() - began:.1f} s on this rank; cache written to {path}")
+    rank, _ = agree.rank_and_world()
+    say(f"rank {rank} tokenised in {time.perf_counter() - began:.1f} s; cache written to {path}")
     return sets
 
 
@@ -200,7 +201,7 @@ def load_once(build: Callable[[], Sets], path: Path, key: str, local_rank: int,
     fail = None
     if missing[rank] and local_rank == 0:
         try:
-            mine["sets"] = _build_and_save(build, path, key, lambda m: print(f"rank {rank}: {m}", flush=True))
+            mine["sets"] = _build_and_save(build, path, key, lambda m: print(m, flush=True))
         except Exception as exc:
             fail = agree.failure(exc)
     agree.raise_first(agree.gather(fail))
