@@ -5,6 +5,8 @@ A directory *holds a run* when it has any of ``metrics.jsonl``, ``summary.json``
 with ``--overwrite``, and with ``--resume`` when no verified checkpoint exists, the old run's files
 are moved into ``replaced-<UTC time>/`` inside the directory, not deleted. Checkpoint rotation
 (:func:`recipes.posttrain.checkpoints.publish`) deletes only checkpoints of the same run lineage.
+The caches a run leaves next to these (``tokenized_data.pt``, ``reference_logprobs/``) are not part of
+it: they stay in place and are reused by the next run there only when their key matches.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pma_dist import distributed
 
-from . import checkpoints, data, fallback, lr_schedule, peak_memory, reference, run_dir, sharded_load
+from . import checkpoints, data, fallback, lr_schedule, peak_memory, reference, run_dir, sharded_load, token_cache
 from .backends import DeepSpeedBackend, build_torch_backend
 from .config import FALLBACK, ConfigError, TrainConfig
 from .losses import dpo_terms, sequence_logprobs, sft_loss, sft_loss_terms
@@ -110,12 +110,23 @@ _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each
 
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
+    """The tokenised train, eval (and select) sets: from this process's memory, else tokenised once per run
+    (rank 0; the other ranks read its cache file, see :mod:`recipes.posttrain.token_cache`). Collective."""
     args = cfg.settings
     key = (cfg.model, cfg.train_data, cfg.eval_data, args.task, args.eval_size, args.select_size, args.max_train_records,
            args.max_length, args.overlong, args.max_degenerate_pairs)
     if key not in _DATASETS:
         _DATASETS.clear()
-        _DATASETS[key] = _load_datasets(cfg, tokenizer)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+
+        def build() -> dict:
+            sets = _load_datasets(cfg, tokenizer)
+            return {"train": sets.train, "eval": sets.eval, **({"select": sets.select} if sets.select else {})}
+
+        sets = token_cache.load_once(build, Path(args.output_dir) / token_cache.FILE,
+                                     token_cache.fingerprint(cfg, tokenizer), distributed.rank_info().local_rank,
+                                     say=lambda message: _say(rank, message))
+        _DATASETS[key] = Datasets(train=sets["train"], eval=sets["eval"], select=sets.get("select"))
     return _DATASETS[key]
 
 
@@ -329,8 +340,8 @@ class Job:
                  "nonfinite_steps_skipped": self.skipped_steps}
         self.engine.save(self.ckpt_dir, tag, state)
         dist.barrier()
+        checkpoints.write_manifest(self.ckpt_dir / tag, state, collective=True)  # each rank hashes its share
         if self.rank == 0:
-            checkpoints.write_manifest(self.ckpt_dir / tag, state)
             checkpoints.publish(self.ckpt_dir, tag, self.cfg.settings.keep_checkpoints, self.lineage)
         dist.barrier()
 
@@ -356,10 +367,11 @@ def _checked_resume_point(cfg: TrainConfig, ckpt_dir: Path, rank: int):
     if tag is None:
         _say(rank, f"--resume: no verified checkpoint in {ckpt_dir}; starting from scratch")
         return None, {}
-    try:
-        state = checkpoints.verify(ckpt_dir / tag)
+    try:  # collective: each rank checks its share of the files, all raise the same error
+        state = checkpoints.verify(ckpt_dir / tag, collective=True)
     except checkpoints.CheckpointError as exc:
-        raise checkpoints.CheckpointError(f"{exc}{checkpoints.older_intact_hint(ckpt_dir, tag)}") from None
+        hint = checkpoints.older_intact_hint(ckpt_dir, tag, collective=True)
+        raise checkpoints.CheckpointError(f"{exc}{hint}") from None
     # checkpoints from before the FSDP/DDP backends carry no format: they are DeepSpeed's; keys added to the
     # identity later are compared only where the checkpoint has them
     saved = dict({"checkpoint_format": "deepspeed"}, **state.get("identity", {}))
