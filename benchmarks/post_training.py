@@ -83,7 +83,7 @@ TASKS = {
     "dpo_gpt4": Task("dpo", SHARED / "dpo" / "alpaca_eval_gpt4_pairs.jsonl", "sft_base"),
 }
 # the SFT base of the DPO tasks: plain AdamW on alpaca_mix, long enough to follow the instruction template
-SFT_BASE = dict(method="adamw", lr=3e-3, micro_steps=512, micro_batch=4, max_length=256)
+SFT_BASE = dict(method="adamw", lr=3e-3, micro_steps=256, micro_batch=4, max_length=256)
 
 # arm -> (method, lr_decay); the no-accumulation arms run at K = 1
 ARMS = {
@@ -437,6 +437,7 @@ def chosen(runs: dict, task, regime, schedule, arm, k):
 
 def analyse(runs: dict, curves: dict) -> list:
     rows = []
+    per_micro_step = step_costs(runs)
     for task, regime, schedule, k in settings_of(runs):
         fam_arms = {}
         for arm in ARMS:
@@ -467,6 +468,12 @@ def analyse(runs: dict, curves: dict) -> list:
                 entry["update_variance"] = [_last_variance(curves.get(rid, [])) for rid in seeds.values()]
                 if ga_mean and reached:
                     entry["ratio_vs_ga"] = ga_mean / mean(reached)
+                    # samples are free of the machine; a micro-step's cost is not: PMA and the plain arm step
+                    # (and all-reduce) on every micro-batch, GA once per K
+                    own = per_micro_step.get((regime, arm, 1 if is_plain(arm) else k))
+                    ga_cost_s = per_micro_step.get((regime, f"{fam}_ga", k))
+                    if own and ga_cost_s:
+                        entry["cost_adjusted_vs_ga"] = entry["ratio_vs_ga"] * ga_cost_s / own
                 rows.append(entry)
     return rows
 
@@ -521,14 +528,16 @@ def markdown(rows: list, runs: dict) -> str:
         lines += [f"#### {task}, regime {regime}, lr {schedule}, K = {k}", "",
                   f"Target: GA's mean final eval loss, {group[0]['target']:.4f}; {group[0]['total_samples']} samples "
                   f"per run; seeds {', '.join(map(str, group[0]['seeds']))}.", "",
-                  "| arm (K) | lr (select split) | final eval loss | samples to target | GA / arm | "
+                  "| arm (K) | lr (select split) | final eval loss | samples to target | GA / arm (samples) | "
+                  "GA / arm (cost-adjusted) | "
                   + ("eval accuracy | " if dpo else "") + "update noise/signal | update variance |",
-                  "|---|---|---|---|---|" + ("---|" if dpo else "") + "---|---|"]
+                  "|---|---|---|---|---|---|" + ("---|" if dpo else "") + "---|---|"]
         for r in sorted(group, key=lambda r: (r["family"], list(ARMS).index(r["arm"]))):
             edge = " (grid edge)" if r["lr_at_edge"] else ""
             ratio = f"{r['ratio_vs_ga']:.2f}x" if "ratio_vs_ga" in r else "-"
+            adjusted = f"{r['cost_adjusted_vs_ga']:.2f}x" if "cost_adjusted_vs_ga" in r else "-"
             lines.append(f"| {r['arm']} ({1 if is_plain(r['arm']) else k}) | {r['lr']:g}{edge} | {_spread(r['final'])} "
-                         f"| {_cost(r)} | {ratio} | " + (f"{_spread(r['accuracy'])} | " if dpo else "")
+                         f"| {_cost(r)} | {ratio} | {adjusted} | " + (f"{_spread(r['accuracy'])} | " if dpo else "")
                          + f"{_spread(r['noise_to_signal'], '{:.3g}')} | {_spread(r['update_variance'], '{:.3g}')} |")
         lines.append("")
     costs = step_costs(runs)

@@ -108,8 +108,8 @@ def test_report_is_symmetric_and_chooses_on_the_select_split(tmp_path):
     assert rows["adamw"]["K"] == 8  # the no-accumulation arm (K = 1) is compared at the K of the GA run
     assert rows["adamw_pma"]["noise_to_signal"] == [0.5]
     text = (tmp_path / "page.md").read_text()
-    assert "| adamw (1) | 0.001 | 3.500 | not reached (0/1) | - | 0.5 | 2e-06 |" in text
-    assert "| adamw_ga (8) | 0.001 (grid edge) | 3.000 ± 0.000 | 145 [91-200] | 1.00x |" in text
+    assert "| adamw (1) | 0.001 | 3.500 | not reached (0/1) | - | - | 0.5 | 2e-06 |" in text
+    assert "| adamw_ga (8) | 0.001 (grid edge) | 3.000 ± 0.000 | 145 [91-200] | 1.00x | - |" in text
     assert (tmp_path / "results" / "sft_alpaca_paper_constant_K8.png").exists()
     assert out.exists()
 
@@ -189,3 +189,17 @@ def test_grid_is_extended_while_the_best_lr_sits_at_an_edge(tmp_path):
     assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == ([3e-5, 1e-4] + grid, None)
     # stage B runs the other seeds at the best lr of the extended grid
     assert bench.plan_stage_b(args, out, "sft_alpaca") == [("sft_alpaca", "adamw", 1, 3e-5, 1), ("sft_alpaca", "adamw", 1, 3e-5, 2)]
+
+
+def test_cost_adjusted_ratio_uses_the_step_costs_of_the_same_regime(tmp_path):
+    args = _args(tmp_path)
+    out = _setting(tmp_path)
+    for arm, k, seconds in (("adamw_ga", 8, 2.0), ("adamw_pma", 8, 3.0), ("adamw_ga", 8, 9.0)):
+        regime = "paper" if seconds < 9 else "today"  # another regime's cost must not be used
+        _fake_run(out / "step_cost", f"{regime}__{arm}__K{k}__r0", [4.0], select=4.0)
+        summary = out / "step_cost" / f"{regime}__{arm}__K{k}__r0" / "summary.json"
+        summary.write_text(json.dumps({"wall_clock": seconds, "micro_steps": 32}))
+    bench.collect(args)
+    rows = {r["arm"]: r for r in bench.report(args)}
+    assert rows["adamw_pma"]["cost_adjusted_vs_ga"] == pytest.approx(rows["adamw_pma"]["ratio_vs_ga"] * 2.0 / 3.0)
+    assert "cost_adjusted_vs_ga" not in rows["adamw"]  # never timed
