@@ -378,7 +378,9 @@ def collect(args) -> None:
 
 
 def _compact(value):
-    return f"{value:.6g}" if isinstance(value, float) else value
+    # repr round-trips a float exactly: the report reads the same numbers the run wrote (a GA run's final
+    # loss must cross its own target, not miss it by a rounding)
+    return repr(value) if isinstance(value, float) else value
 
 
 def load_committed(results: Path):

@@ -152,27 +152,10 @@ def test_select_split_is_evaluated_beside_the_eval_split(suite):
 def test_saved_model_reproduces_the_final_eval_loss(suite, name, saved):
     """--save-model (ZeRO-0, and ZeRO-3's gathered shards): the written HF model, reloaded in one process, scores
     the run's eval split at the run's final eval loss."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from recipes.posttrain import data
-    from recipes.posttrain.losses import sft_loss_terms
-    from recipes.posttrain.trainer import pad_id
+    from tests.saved_model import SAVED_MODEL_RTOL, eval_loss_of_saved_model
 
     out, results = suite
-    model = AutoModelForCausalLM.from_pretrained(out / saved, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out / saved)
-    records = data.load_records(results[name]["train_data"], "sft")
-    _, evals, _ = data.holdout_splits(records, 16, 16)
-    examples = data.Tokeniser(tokenizer, 128, "truncate", 0.05).sft(evals, "eval").examples
-    pad = pad_id(tokenizer)
-    total = count = 0.0
-    with torch.no_grad():
-        for example in examples:  # one at a time: no padding, an order of summation of its own
-            batch = data.collate([example], "sft", pad)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            t, c = sft_loss_terms(logits, batch["labels"])
-            total, count = total + float(t), count + float(c)
-    # the run scored the same weights in padded batches of 8 on 2 ranks: fp32 forwards differ by rounding only
-    # (~1e-6 relative per token at this size); 1e-4 relative leaves two orders of margin and catches any wrong weight
-    assert total / count == pytest.approx(results[name]["eval_loss"], rel=1e-4)
+    _, evals, _ = data.holdout_splits(data.load_records(results[name]["train_data"], "sft"), 16, 16)
+    assert eval_loss_of_saved_model(out / saved, evals, 128) == pytest.approx(results[name]["eval_loss"],
+                                                                            rel=SAVED_MODEL_RTOL)

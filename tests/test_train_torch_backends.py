@@ -124,3 +124,17 @@ def test_torch_backend_config_keeps_k_and_marks_dcp_checkpoints():
     assert (cfg.period, cfg.gradient_clipping, cfg.identity()["checkpoint_format"]) == (4, 0.5, "dcp")
     assert cfg.ds_config is None  # no DeepSpeed dict doubles as the config of an FSDP/DDP run
     assert resolve(["--model", "builtin-fallback"]).identity()["checkpoint_format"] == "deepspeed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, saved", [("fsdp_pma", "saved_fsdp"), ("ddp_pma", "saved_ddp")])
+def test_saved_model_reproduces_the_final_eval_loss(suite, name, saved):
+    """--save-model under FSDP2 (full state dict gathered from the shards) and DDP: reloaded in one process, the
+    model scores the run's held-out split at its final eval loss."""
+    from recipes.posttrain import data, fallback
+    from tests.saved_model import SAVED_MODEL_RTOL, eval_loss_of_saved_model
+
+    out, results = suite
+    _, evals = data.holdout_split(fallback.synthetic_records("sft", 4096 + 17, seed=1234), 17)
+    assert eval_loss_of_saved_model(out / saved, evals, 64) == pytest.approx(results[name]["eval_loss"],
+                                                                           rel=SAVED_MODEL_RTOL)

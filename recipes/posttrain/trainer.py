@@ -105,6 +105,10 @@ class Datasets:
     eval: data.TokenisedSet
     select: Optional[data.TokenisedSet] = None  # --select-size: the split hyper-parameters are chosen on
 
+    def splits(self) -> dict:
+        """The sets by split name, those that exist (the token cache's layout)."""
+        return {name: tset for name, tset in vars(self).items() if tset is not None}
+
 
 _DATASETS: dict = {}  # a benchmark runs many jobs in one process: tokenise each data set once
 
@@ -120,8 +124,7 @@ def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
         rank = dist.get_rank() if dist.is_initialized() else 0
 
         def build() -> dict:
-            sets = _load_datasets(cfg, tokenizer)
-            return {"train": sets.train, "eval": sets.eval, **({"select": sets.select} if sets.select else {})}
+            return _load_datasets(cfg, tokenizer).splits()
 
         sets = token_cache.load_once(build, Path(args.output_dir) / token_cache.FILE,
                                      token_cache.fingerprint(cfg, tokenizer), distributed.rank_info().local_rank,

@@ -93,7 +93,7 @@ case("sft_truncated", resolve("sft"))
 cfg = resolve("sft")
 trainer._DATASETS.clear()
 before = calls["n"]
-own = token_cache.load_once(lambda: vars(trainer._load_datasets(cfg, tokenizer)), out / f"disk{rank}" / "tok.pt",
+own = token_cache.load_once(lambda: trainer._load_datasets(cfg, tokenizer).splits(), out / f"disk{rank}" / "tok.pt",
                             token_cache.fingerprint(cfg, tokenizer), local_rank=0, say=lambda m: None)
 report["cases"]["own_disks"] = dict(facts(trainer.Datasets(**own)), tokenised=calls["n"] - before)
 

@@ -27,8 +27,9 @@ def job(name, argv):
     results[name] = trainer.run(config.resolve(argv + ["--output-dir", str(out / name)]))
 
 
-job("fsdp_pma", pma + ["--backend", "fsdp", "--micro-steps", "8", "--log-update-variance", "--variance-window", "2"])
-job("ddp_pma", pma + ["--backend", "ddp", "--micro-steps", "8"])
+job("fsdp_pma", pma + ["--backend", "fsdp", "--micro-steps", "8", "--log-update-variance", "--variance-window", "2",
+                       "--save-model", str(out / "saved_fsdp")])
+job("ddp_pma", pma + ["--backend", "ddp", "--micro-steps", "8", "--save-model", str(out / "saved_ddp")])
 job("ddp_ga", common + ["--backend", "ddp", "--optimizer", "adamw_ga", "--micro-steps", "8"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "4"])
 job("fsdp_resumed", pma + ["--backend", "fsdp", "--micro-steps", "8", "--resume", "--trust-checkpoint"])
