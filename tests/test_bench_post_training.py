@@ -33,8 +33,9 @@ def test_each_arm_builds_its_own_job(tmp_path):
                            1e-4, 0)
     assert _flag(dpo, "--model") == str(tmp_path / "runs" / "sft_base" / "model")  # DPO starts from the SFT base
     assert (_flag(dpo, "--micro-batch-size"), _flag(dpo, "--lr-schedule"), _flag(dpo, "--lr-decay")) == ("2", "warmup_cosine", "none")
-    # DPO holds out 256 pairs per split (accuracy on 64 moves by 1/64 per pair) and evaluates every 64 micro-steps
-    assert (_flag(dpo, "--eval-size"), _flag(dpo, "--select-size"), _flag(dpo, "--eval-every")) == ("256", "256", "64")
+    # DPO holds out 256 pairs per split (accuracy on 64 moves by 1/64 per pair), a half-length run
+    assert (_flag(dpo, "--eval-size"), _flag(dpo, "--select-size"), _flag(dpo, "--eval-every"),
+            _flag(dpo, "--micro-steps")) == ("256", "256", "32", "128")
 
 
 def test_every_job_argv_is_one_the_trainer_accepts(tmp_path):
