@@ -17,6 +17,7 @@ Nothing here imports DeepSpeed at module import time, so FSDP scripts can use it
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -355,6 +356,39 @@ def configure_accelerate_for_deepspeed(backend: Optional[str] = None):
             os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
 
 
+def release_deepspeed_shm() -> Optional[str]:
+    """Unlink this rank's segment of DeepSpeed's CPU shared-memory all-reduce; the name unlinked, or None.
+
+    On the CPU accelerator, when every rank is on one host (``LOCAL_SIZE`` equals the world size),
+    ``deepspeed.comm`` creates a ~69 MB POSIX shared-memory segment per rank
+    (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, ``shm.cpp``) and never
+    unlinks it, so every such job left one per rank in ``/dev/shm`` (RAM) for good: a test suite's
+    worth filled half the machine's memory. The peers opened it at initialisation, and an unlinked
+    segment stays mapped where it is open, so unlinking at the end of the run is safe."""
+    comm = sys.modules.get("deepspeed.comm.comm")
+    backend = getattr(comm, "cdb", None) if comm is not None else None
+    if getattr(backend, "shm_comm_op", None) is None or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return None  # DeepSpeed did not create one (ranks on several hosts)
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        import _posixshmem  # CPython's binding of shm_unlink (multiprocessing.shared_memory uses it)
+
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        return None
+    except (ImportError, OSError):
+        return None
+    return name
+
+
+# a job that ends by returning (an HF Trainer script, say) rather than through shutdown() unlinks it too,
+# if its process group is still up at interpreter exit
+atexit.register(release_deepspeed_shm)
+
+
 def shutdown(code: int = 0) -> None:
     """End the process without gloo's exit-time abort: barrier, destroy the group, finalize MPI, _exit.
 
@@ -369,6 +403,7 @@ def shutdown(code: int = 0) -> None:
         if dist.is_available() and dist.is_initialized():
             if code == 0:  # a failing rank must not wait for peers that may never arrive
                 dist.barrier()
+            release_deepspeed_shm()  # os._exit would leave DeepSpeed's segment in /dev/shm for good
             dist.destroy_process_group()
         mpi = sys.modules.get("mpi4py.MPI")
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

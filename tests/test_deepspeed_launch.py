@@ -52,3 +52,8 @@ def test_launch_recipe_runs_pma_job_to_completion(launcher):
         # the deepspeed launcher appends --local_rank=N; the others pass the rank through the environment
         assert f["local_rank_arg"] == (f["rank"] if launcher == "deepspeed" else None)
         assert f["mpi"] == (launcher == "mpirun")
+    segments = [f["shm_segment"] for f in facts]
+    if launcher == "deepspeed":  # its launcher sets LOCAL_SIZE: DeepSpeed made one shared-memory segment per rank
+        assert all(segments), facts
+    # and pma_dist.distributed.shutdown unlinked them (DeepSpeed never does: each run left ~69 MB per rank in RAM)
+    assert not [s for s in segments if s and Path("/dev/shm", s).exists()]

@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 
 
+def shm_segment():
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}")
+    return name if Path("/dev/shm", name).exists() else None
+
+
 def main() -> None:
     local_rank_arg = pop_local_rank_arg()  # appended by the deepspeed launcher
     mpi = setup_env_from_mpi()  # mpirun: export RANK/WORLD_SIZE/MASTER_* before DeepSpeed looks
@@ -46,6 +52,8 @@ def main() -> None:
         "mpi": mpi is not None,
         "optimizer": type(engine.basic_optimizer).__name__,
         "group_steps": [g["step"] for g in engine.basic_optimizer.param_groups],
+        # DeepSpeed's CPU shared-memory all-reduce segment of this rank, if it made one (shutdown unlinks it)
+        "shm_segment": shm_segment(),
     }
     # one write per line: with PYTHONUNBUFFERED, print() writes text and newline separately and the two
     # ranks' lines can interleave on the shared pipe
