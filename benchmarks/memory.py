@@ -12,7 +12,9 @@ random-init Llamas of ``benchmarks/make_scale_model.py`` (25M, 95M; built under 
 The measured number is the largest rank's peak RSS from the run's ``summary.json``; bytes per
 parameter are taken above the stories260K run of the same task (the interpreter, torch, DeepSpeed and
 the data). Memory is a valid measurement on a loaded shared machine; the wall-clock of these runs is not.
-Writes a table to stdout and ``<out>/memory_<label>.json``.
+Writes a table to stdout and ``<out>/memory_<label>.json``, with pma_dist.memory's modelled peak for
+each point and whether every point is within MODEL_TOLERANCE of the measurement (the model's check
+lives here, not in a test). ``--rescore FILE`` recomputes those columns for earlier measurements.
 """
 from __future__ import annotations
 
