@@ -12,7 +12,9 @@ random-init Llamas of ``benchmarks/make_scale_model.py`` (25M, 95M; built under 
 The measured number is the largest rank's peak RSS from the run's ``summary.json``; bytes per
 parameter are taken above the stories260K run of the same task (the interpreter, torch, DeepSpeed and
 the data). Memory is a valid measurement on a loaded shared machine; the wall-clock of these runs is not.
-Writes a table to stdout and ``<out>/memory_<label>.json``.
+Writes a table to stdout and ``<out>/memory_<label>.json``, with pma_dist.memory's modelled peak for
+each point and whether every point is within MODEL_TOLERANCE of the measurement (the model's check
+lives here, not in a test). ``--rescore FILE`` recomputes those columns for earlier measurements.
 """
 from __future__ import annotations
 
@@ -63,13 +65,30 @@ def parameter_count(path: Path) -> int:
     return total
 
 
-def modelled(size: str, task: str, nproc: int, reference: str, setup: str = "ZeRO-3") -> float:
-    """pma_dist.memory's peak for the run's setting (fp32, AdamW moments, 1 x 128 tokens)."""
+EVAL_SIZE, EVAL_BATCH = 16, 16  # RUN_FLAGS' --eval-size / --eval-batch-size
+
+
+def fused_kernel_loads() -> bool:
+    """Whether pma_dist's fused CPU step kernel loads here (then the runs' optimizer steps use it, no temporary)."""
+    from pma_dist import kernels
+
+    return kernels.unavailable_reason() is None
+
+
+def modelled_parts(size: str, task: str, nproc: int, reference: str, setup: str = "ZeRO-3",
+                   fused_step: bool = True) -> dict:
+    """pma_dist.memory's parts for the run's setting (fp32, AdamW moments, 1 x 128 tokens per micro-step,
+    each rank evaluating its share of the eval set in one batch)."""
     from pma_dist import memory
 
     shape = memory.SHAPES[{"260k": "stories260K", "25m": "llama_25m", "95m": "llama_95m"}[size]]
-    work = memory.Workload(task=task, micro_batch=1, seq_len=128, dpo_reference=reference)
-    return memory.estimate(shape, setup, nproc, work, dtype="float32")["total"]
+    eval_batch = min(EVAL_BATCH, -(-EVAL_SIZE // nproc))
+    work = memory.Workload(task=task, micro_batch=1, seq_len=128, dpo_reference=reference, eval_batch=eval_batch)
+    return memory.estimate(shape, setup, nproc, work, dtype="float32", fused_step=fused_step)
+
+
+def modelled(size: str, task: str, nproc: int, reference: str, setup: str = "ZeRO-3", fused_step: bool = True) -> float:
+    return modelled_parts(size, task, nproc, reference, setup, fused_step)["total"]
 
 
 def run_one(model: Path, task: str, out: Path, nproc: int, timeout: float, extra, setup: str) -> dict:
@@ -77,7 +96,7 @@ def run_one(model: Path, task: str, out: Path, nproc: int, timeout: float, extra
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "launch" / "train.py"), "--task", task, "--model", str(model), "--train-data",
-           str(DATA[task]), "--output-dir", str(out), *SETUP_FLAGS[setup], *RUN_FLAGS, *extra]
+           str(DATA[task]), "--output-dir", str(out), *SETUP_FLAGS[setup], *RUN_FLAGS, "--overwrite", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
@@ -93,9 +112,26 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--setup", choices=sorted(SETUP_FLAGS), default="ZeRO-3")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--rescore", metavar="JSON", help="no runs: compare the current model with the measurements "
+                   "of a previous memory_<label>.json (its label, setup and flags), and rewrite it under --out")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more launch/train.py flags")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.rescore:
+        saved = json.loads(Path(args.rescore).read_text())
+        args.label, args.setup, args.nproc = saved["label"], saved.get("setup") or "ZeRO-3", saved["nproc"]
+        args.extra = saved.get("extra", [])
+        args.sizes = sorted({r["size"] for r in saved["rows"]} - {"260k"})
+        rows = [{k: r[k] for k in MEASURED_KEYS} for r in saved["rows"]]
+        return score(rows, args, out)
+    return score(measure(args, out), args, out)
+
+
+#: what a row holds from the runs themselves (the rest is computed from them and the model)
+MEASURED_KEYS = ("task", "size", "model", "parameters", "peak_bytes_per_rank", "peak_bytes", "kind")
+
+
+def measure(args, out: Path) -> list:
     models = REPO / "runs" / "models"
     rows = []
     for task in args.tasks:
@@ -108,19 +144,29 @@ def main(argv=None) -> int:
                              peak_bytes_per_rank=peaks, peak_bytes=max(peaks), kind=summary["peak_memory_kind"]))
             print(f"{task} {size}: peak {max(peaks) / MiB:,.0f} MiB per rank {[round(x / MiB) for x in peaks]}",
                   flush=True)
+    return rows
+
+
+def score(rows: list, args, out: Path) -> int:
+    """Bytes/parameter above the baseline, the model's error per point; the table and the JSON."""
     reference = "copy" if "copy" in args.extra else "cached"
+    fused = fused_kernel_loads()
+    from pma_dist.memory import peak_phase
     for row in rows:
         base = next(r for r in rows if r["task"] == row["task"] and r["size"] == "260k")
         extra_params = row["parameters"] - base["parameters"]
         row["bytes_per_parameter"] = ((row["peak_bytes"] - base["peak_bytes"]) / extra_params
                                       if extra_params else None)
         row["measured_above_base"] = row["peak_bytes"] - base["peak_bytes"]
-        row["modelled_above_base"] = modelled(row["size"], row["task"], args.nproc, reference, args.setup) - modelled(
-            "260k", row["task"], args.nproc, reference, args.setup)
+        parts = modelled_parts(row["size"], row["task"], args.nproc, reference, args.setup, fused)
+        row["modelled_parts"] = parts
+        row["modelled_peak_phase"] = peak_phase(parts)
+        row["modelled_above_base"] = parts["total"] - modelled("260k", row["task"], args.nproc, reference,
+                                                               args.setup, fused)
         row["model_error"] = (row["modelled_above_base"] / row["measured_above_base"] - 1
                               if extra_params else None)
     print(f"\n{'task':4} {'model':5} {'params':>12} {'peak MiB':>9} {'B/param':>8} {'above base MiB':>15} "
-          f"{'modelled MiB':>13} {'model error':>11}")
+          f"{'modelled MiB':>13} {'model error':>11}  modelled peak phase")
     for row in rows:
         if row["bytes_per_parameter"] is None:
             print(f"{row['task']:4} {row['size']:5} {row['parameters']:>12,} {row['peak_bytes'] / MiB:>9,.0f} "
@@ -128,7 +174,7 @@ def main(argv=None) -> int:
             continue
         print(f"{row['task']:4} {row['size']:5} {row['parameters']:>12,} {row['peak_bytes'] / MiB:>9,.0f} "
               f"{row['bytes_per_parameter']:>8.1f} {row['measured_above_base'] / MiB:>15,.0f} "
-              f"{row['modelled_above_base'] / MiB:>13,.0f} {100 * row['model_error']:>+10.1f}%")
+              f"{row['modelled_above_base'] / MiB:>13,.0f} {100 * row['model_error']:>+10.1f}%  {row['modelled_peak_phase']}")
     by = {(r["task"], r["size"]): r for r in rows}
     for size in args.sizes:
         if ("sft", size) in by and ("dpo", size) in by:
@@ -136,8 +182,8 @@ def main(argv=None) -> int:
             print(f"DPO over SFT at {size}: {extra:+.1f} bytes/parameter")
     out.mkdir(parents=True, exist_ok=True)
     result = dict(label=args.label, setup=args.setup, nproc=args.nproc, rows=rows,
-                  command=" ".join(SETUP_FLAGS[args.setup] + RUN_FLAGS + args.extra),
-                  model_tolerance=MODEL_TOLERANCE,
+                  command=" ".join(SETUP_FLAGS[args.setup] + RUN_FLAGS + args.extra), extra=args.extra,
+                  model_tolerance=MODEL_TOLERANCE, fused_step=fused,
                   model_within_tolerance=all(abs(r["model_error"]) <= MODEL_TOLERANCE for r in rows
                                              if r["model_error"] is not None))
     print(f"memory model within +-{100 * MODEL_TOLERANCE:.0f}% of every measured point: "
