@@ -70,20 +70,20 @@ def _argument(args, kwargs, name: str, position: int):
 
 
 def _group_ranks(group) -> Optional[Tuple[int, ...]]:
-    """The group's global ranks, or None for the default group (the whole world)."""
+    """The group's global ranks; None for a group of every rank (the default group, DeepSpeed's
+    data-parallel group); ``()`` for a group torch cannot name (a foreign object): counted, not attributed."""
     if group is None or group is getattr(c10d.GroupMember, "WORLD", None):
         return None
     try:
-        return tuple(dist.get_process_group_ranks(group))
-    except Exception:  # a group torch does not know (a foreign wrapper's object): counted, not attributed
+        ranks = tuple(dist.get_process_group_ranks(group))
+    except Exception:
         return ()
+    return None if ranks == tuple(range(dist.get_world_size())) else ranks
 
 
-def _root(name: str, args, kwargs, ranks: Optional[Tuple[int, ...]]) -> Optional[int]:
-    """A broadcast's / reduce's root as a global rank (None for every other collective)."""
-    if name not in _ROOT_ARGS:
-        return None
-    (global_name, global_at), (local_name, local_at) = _ROOT_ARGS[name]
+def _root(root_args, args, kwargs, ranks: Optional[Tuple[int, ...]]) -> Optional[int]:
+    """A broadcast's / reduce's root as a global rank, from its ``_ROOT_ARGS`` entry."""
+    (global_name, global_at), (local_name, local_at) = root_args
     root = _argument(args, kwargs, global_name, global_at)
     if root is None:
         local = _argument(args, kwargs, local_name, local_at)
@@ -152,6 +152,17 @@ class _Interceptor:
         self.originals: Dict[Tuple[object, str], Callable] = {}
         self.local = threading.local()
         self.ledger: Optional["CommLedger"] = None
+        # id(group) -> (group, its ranks): a collective's group is looked up once, not per call (the
+        # group is held, so its id cannot be reused by a new group while the entry exists)
+        self.group_cache: Dict[int, Tuple[object, Optional[Tuple[int, ...]]]] = {}
+
+    def group_ranks(self, group) -> Optional[Tuple[int, ...]]:
+        if group is None:
+            return None
+        entry = self.group_cache.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = self.group_cache[id(group)] = (group, _group_ranks(group))
+        return entry[1]
 
     def install(self, ledger: "CommLedger") -> None:
         if self.ledger is not None:
@@ -174,11 +185,13 @@ class _Interceptor:
         for (module, name), original in self.originals.items():
             setattr(module, name, original)
         self.originals.clear()
+        self.group_cache.clear()
         self.ledger = None
 
     def _wrap(self, name: str, spec: Tuple[str, str, int, str], original: Callable) -> Callable:
         op, arg_name, arg_index, how = spec
         group_index = _GROUP_POSITION[name]
+        root_args = _ROOT_ARGS.get(name)
         local = self.local
         interceptor = self
 
@@ -203,8 +216,9 @@ class _Interceptor:
                     nbytes = _nbytes(arg) * _group_size(group)
                 else:
                     nbytes = _MEASURE[how](arg)
-            ranks = _group_ranks(group)
-            ledger.record(op, nbytes, seconds, name, group=ranks, root=_root(name, args, kwargs, ranks))
+            ranks = interceptor.group_ranks(group)
+            root = _root(root_args, args, kwargs, ranks) if root_args else None
+            ledger.record(op, nbytes, seconds, name, group=ranks, root=root)
             return result
 
         counted.__wrapped__ = original
