@@ -196,6 +196,14 @@ def test_report_markdown_shows_the_split(tmp_path):
     assert "| all |  | 7.6 KB (7600) | 7.04 KB (7040) |" in text
 
 
+def test_cli_report_prints_the_split(tmp_path, capsys):
+    from pma_dist.comm import cli
+
+    run = write_placed_run(tmp_path / "run", ["a", "a", "b", "b"], [None] * 4)
+    assert cli.main(["report", str(run), "--no-plots"]) == 0
+    assert "links (2 node(s)): all ranks send 7600 B intra-node, 7040 B inter-node per period" in capsys.readouterr().out
+
+
 # --- the projection uses the same attribution -------------------------------------------------------
 def test_projection_link_bytes_follow_the_ring_on_one_and_two_nodes():
     records = [{"micro_step": 0, "phase": "backward", "op": "all_reduce", "count": 1, "bytes": 1600},
