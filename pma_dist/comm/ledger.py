@@ -248,7 +248,8 @@ def close_all() -> None:
 
 
 class CommLedger:
-    """Counts collectives per (micro-step, PMA/GA kind, phase, op) and writes ``comm_rank{r}.json``.
+    """Counts collectives per (micro-step, PMA/GA kind, phase, op, sub-group, root) and writes
+    ``comm_rank{r}.json`` with this rank's placement (:mod:`pma_dist.comm.placement`) in its meta.
 
     Args:
         output_dir: folder for ``comm_rank{rank}.json`` (created on first write).
