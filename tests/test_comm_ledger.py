@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from pma_dist.comm import CommLedger, active_ledger, close_all, model, parse_comm_profile
+from pma_dist.comm.placement import rank_placement
 from pma_dist.methods import get_method
 from tests.launching import run_ranks
 
@@ -63,7 +64,7 @@ def test_close_writes_the_file_runs_callbacks_once(tmp_path):
     data = json.load(open(tmp_path / "run" / "comm_rank0.json"))
     assert seen == [1]
     assert data["meta"] == {"optimizer": "AdamWPMA", "period": 4, "rank": 0, "micro_steps": 1,
-                            "format_version": 1}
+                            "format_version": 1, "placement": rank_placement()}
     assert data["records"] == [
         {"micro_step": 0, "pma_kind": "small", "phase": "other", "op": "all_reduce", "count": 2, "bytes": 80,
          "seconds": 0.75},
@@ -130,12 +131,16 @@ def test_message_positions_are_torchs_signatures():
     import inspect
 
     from pma_dist.comm import ledger as ledger_module
+    assert set(ledger_module._GROUP_POSITION) == set(ledger_module._COLLECTIVES)
     for name, (_, arg_name, position, _) in ledger_module._COLLECTIVES.items():
         params = list(inspect.signature(getattr(c10d, name)).parameters)
         if arg_name:
             assert params.index(arg_name) == position, name
-        if name in ("gather", "scatter"):
-            assert params.index("group") == ledger_module._GATHER_SCATTER_GROUP_POSITION, name
+        assert params.index("group") == ledger_module._GROUP_POSITION[name], name
+    for name, roots in ledger_module._ROOT_ARGS.items():
+        params = list(inspect.signature(getattr(c10d, name)).parameters)
+        for arg_name, position in roots:
+            assert params.index(arg_name) == position, (name, arg_name)
 
 
 @pytest.fixture
@@ -211,6 +216,18 @@ def test_deepspeed_comm_is_counted_once(checks):
 def test_ddp_comm_hook_counts_the_bucket_and_averages(checks):
     assert checks["ddp"]["records"] == [["backward", "all_reduce", 1, 23 * 4]]
     assert checks["ddp"]["grad_error"] < 1e-6
+
+
+@pytest.mark.slow
+def test_sub_groups_and_roots_are_recorded_for_the_link_attribution(checks):
+    n = checks["world_size"]
+    last = n - 1
+    routed = [[(r["op"], r["bytes"], r.get("group"), r.get("root")) for r in records]
+              for records in checks["routing"]["ranks"]]
+    everyone = [("all_reduce", 12 + 4, None, None), ("broadcast", 20, None, last), ("reduce", 24, None, 0)]
+    assert sorted(routed[0], key=str) == sorted(everyone, key=str)
+    assert sorted(routed[last], key=str) == sorted(everyone + [("all_reduce", 8, [last], None),
+                                                               ("broadcast", 4, [last], last)], key=str)
 
 
 @pytest.mark.slow

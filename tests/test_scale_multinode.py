@@ -53,6 +53,31 @@ def test_two_nodes_of_one_rank_match_one_node_of_two(tmp_path):
         assert ranks[0]["summary"][key] == single[0]["summary"][key], key
     assert _train_losses(two_nodes) and _train_losses(two_nodes) == _train_losses(one_node)
 
+    # The comm report puts the same traffic on inter-node links for 2 x 1 and on intra-node links for 1 x 2.
+    for out, crossing, staying in ((two_nodes, "inter", "intra"), (one_node, "intra", "inter")):
+        links = json.loads((out / "comm" / "report.json").read_text())["run"]["links"]
+        assert links["available"], links
+        assert len(links["placement"]["nodes"]) == (2 if out is two_nodes else 1)
+        for rank in range(2):
+            want = _ring_bytes_sent_by_two_ranks(out / "comm" / f"comm_rank{rank}.json", rank)
+            assert want > 0
+            assert links["per_rank"][str(rank)]["total"] == {crossing: want, staying: 0}, (out.name, rank)
+        assert links["total"][staying] == 0 and links["total"][crossing] > 0
+
+
+def _ring_bytes_sent_by_two_ranks(ledger_file, rank):
+    """What ``rank`` of a 2-rank ring sends over its one link during training, from its own ledger: each step
+    of the ring moves S/2; all-reduce takes 2 steps (S), all-gather / reduce-scatter 1 (S/2); a broadcast
+    is sent only by its root, a reduce only by the other rank."""
+    sent = 0
+    for r in json.loads(Path(ledger_file).read_text())["records"]:
+        if r["micro_step"] < 0 or r.get("group") is not None:
+            continue
+        sent += {"all_reduce": r["bytes"], "all_gather": r["bytes"] // 2, "reduce_scatter": r["bytes"] // 2,
+                 "broadcast": r["bytes"] if r.get("root") == rank else 0,
+                 "reduce": r["bytes"] if r.get("root") != rank else 0}.get(r["op"], 0)
+    return sent
+
 
 def _train_losses(out):
     records = [json.loads(x) for x in (out / "job" / "metrics.jsonl").read_text().splitlines()]

@@ -55,6 +55,10 @@ def _report(args) -> int:
     ratios = report.get("ratios_vs_baseline", {}).get("per_period", {})
     for op, r in ratios.items():
         print(f"  {op:>15}: PMA/GA bytes per period = {_fmt_ratio(r['bytes'])}, count = {_fmt_ratio(r['count'])}")
+    links = report["run"].get("links", {})
+    if links.get("available"):
+        print(f"  links ({len(links['placement']['nodes'])} node(s)): all ranks send {links['per_period']['intra']} B "
+              f"intra-node, {links['per_period']['inter']} B inter-node per period")
     return 0
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from .placement import rank_placement
+
 FORMAT_VERSION = 1
 WRITE_BUDGET = 0.01  # periodic rewrites may take at most this share of the wall time ...
 WRITE_FREE_SECONDS = 0.02  # ... once a single write takes longer than this
@@ -63,9 +65,37 @@ def _group_size(group) -> int:
         return 1
 
 
+def _argument(args, kwargs, name: str, position: int):
+    return args[position] if position < len(args) else kwargs.get(name)
+
+
+def _group_ranks(group) -> Optional[Tuple[int, ...]]:
+    """The group's global ranks; None for a group of every rank (the default group, DeepSpeed's
+    data-parallel group); ``()`` for a group torch cannot name (a foreign object): counted, not attributed."""
+    if group is None or group is getattr(c10d.GroupMember, "WORLD", None):
+        return None
+    try:
+        ranks = tuple(dist.get_process_group_ranks(group))
+    except Exception:
+        return ()
+    return None if ranks == tuple(range(dist.get_world_size())) else ranks
+
+
+def _root(root_args, args, kwargs, ranks: Optional[Tuple[int, ...]]) -> Optional[int]:
+    """A broadcast's / reduce's root as a global rank, from its ``_ROOT_ARGS`` entry."""
+    (global_name, global_at), (local_name, local_at) = root_args
+    root = _argument(args, kwargs, global_name, global_at)
+    if root is None:
+        local = _argument(args, kwargs, local_name, local_at)
+        if local is None:
+            return None
+        return int(ranks[local]) if ranks else int(local)
+    return int(root)
+
+
 # torch function name -> (normalised op, argument holding the message, its position in torch's signature,
 # how its bytes are counted). "times_group" sizes a message from one rank's piece when no full buffer is
-# passed (gather/scatter on non-root ranks; their ``group`` is at _GATHER_SCATTER_GROUP_POSITION).
+# passed (gather/scatter on non-root ranks; their ``group`` is at _GROUP_POSITION).
 # Positions are written down, not read with inspect.signature: another tool may already have replaced a
 # collective with a ``(*args, **kwargs)`` wrapper, whose signature names no argument. They are torch's
 # public signatures; tests/test_comm_ledger.py checks them against the installed torch.
@@ -94,7 +124,21 @@ _COLLECTIVES: Dict[str, Tuple[str, str, int, str]] = {
     "recv": ("recv", "tensor", 0, "tensor"),
     "irecv": ("recv", "tensor", 0, "tensor"),
 }
-_GATHER_SCATTER_GROUP_POSITION = 3
+# Where each collective takes its ``group`` and (broadcast / reduce) its root, as (name, position) in
+# torch's signatures (checked in tests/test_comm_ledger.py): the link attribution
+# (pma_dist.comm.links) needs the group's ranks, and a broadcast's or reduce's root.
+_GROUP_POSITION: Dict[str, int] = {
+    "all_reduce": 2, "all_reduce_coalesced": 2, "broadcast": 2, "reduce": 3, "all_gather": 2,
+    "all_gather_single": 2, "all_gather_into_tensor": 2, "_all_gather_base": 2, "all_gather_coalesced": 2,
+    "reduce_scatter": 3, "reduce_scatter_single": 3, "reduce_scatter_tensor": 3, "_reduce_scatter_base": 3,
+    "all_to_all_single": 4, "all_to_all": 2, "gather": 3, "scatter": 3, "barrier": 0, "monitored_barrier": 0,
+    "send": 2, "isend": 2, "recv": 2, "irecv": 2,
+}
+# (global root, its position), (root within the group, its position)
+_ROOT_ARGS: Dict[str, Tuple[Tuple[str, int], Tuple[str, int]]] = {
+    "broadcast": (("src", 1), ("group_src", 4)),
+    "reduce": (("dst", 1), ("group_dst", 5)),
+}
 # Object collectives (all_gather_object, broadcast_object_list, ...) are left alone on purpose: they are
 # built from the tensor collectives above, which count the real messages they send.
 
@@ -108,6 +152,17 @@ class _Interceptor:
         self.originals: Dict[Tuple[object, str], Callable] = {}
         self.local = threading.local()
         self.ledger: Optional["CommLedger"] = None
+        # id(group) -> (group, its ranks): a collective's group is looked up once, not per call (the
+        # group is held, so its id cannot be reused by a new group while the entry exists)
+        self.group_cache: Dict[int, Tuple[object, Optional[Tuple[int, ...]]]] = {}
+
+    def group_ranks(self, group) -> Optional[Tuple[int, ...]]:
+        if group is None:
+            return None
+        entry = self.group_cache.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = self.group_cache[id(group)] = (group, _group_ranks(group))
+        return entry[1]
 
     def install(self, ledger: "CommLedger") -> None:
         if self.ledger is not None:
@@ -130,11 +185,13 @@ class _Interceptor:
         for (module, name), original in self.originals.items():
             setattr(module, name, original)
         self.originals.clear()
+        self.group_cache.clear()
         self.ledger = None
 
     def _wrap(self, name: str, spec: Tuple[str, str, int, str], original: Callable) -> Callable:
         op, arg_name, arg_index, how = spec
-        group_index = _GATHER_SCATTER_GROUP_POSITION
+        group_index = _GROUP_POSITION[name]
+        root_args = _ROOT_ARGS.get(name)
         local = self.local
         interceptor = self
 
@@ -150,22 +207,29 @@ class _Interceptor:
                 seconds = time.perf_counter() - start
             finally:
                 local.depth = 0
+            group = _argument(args, kwargs, "group", group_index)
             if arg_index < 0:
                 nbytes = 0
             else:
                 arg = args[arg_index] if arg_index < len(args) else kwargs.get(arg_name)
                 if how == "times_group":
-                    group = kwargs.get("group", args[group_index] if len(args) > group_index else None)
                     nbytes = _nbytes(arg) * _group_size(group)
                 else:
                     nbytes = _MEASURE[how](arg)
-            ledger.record(op, nbytes, seconds, name)
+            ranks = interceptor.group_ranks(group)
+            root = _root(root_args, args, kwargs, ranks) if root_args else None
+            ledger.record(op, nbytes, seconds, name, group=ranks, root=root)
             return result
 
         counted.__wrapped__ = original
         counted.__name__ = name
         counted.__doc__ = original.__doc__
         return counted
+
+
+def _record_order(item) -> tuple:
+    (m, k, p, op, group, root), _ = item
+    return (m, k, p, op, group is not None, group or (), root is not None, root or 0)
 
 
 _INTERCEPTOR = _Interceptor()
@@ -184,7 +248,8 @@ def close_all() -> None:
 
 
 class CommLedger:
-    """Counts collectives per (micro-step, PMA/GA kind, phase, op) and writes ``comm_rank{r}.json``.
+    """Counts collectives per (micro-step, PMA/GA kind, phase, op, sub-group, root) and writes
+    ``comm_rank{r}.json`` with this rank's placement (:mod:`pma_dist.comm.placement`) in its meta.
 
     Args:
         output_dir: folder for ``comm_rank{rank}.json`` (created on first write).
@@ -211,7 +276,10 @@ class CommLedger:
         self.micro_step = -1
         self.kind = NO_KIND
         self.micro_steps = 0
-        self.totals: Dict[Tuple[int, str, str, str], List[float]] = defaultdict(lambda: [0, 0, 0.0])
+        # (micro_step, kind, phase, op, group ranks or None, root or None) -> [count, bytes, seconds]
+        self.totals: Dict[tuple, List[float]] = defaultdict(lambda: [0, 0, 0.0])
+        # read now, so a malformed launcher variable stops the run before it trains
+        self.placement = rank_placement()
         self.calls: List[dict] = []
         self.installed = False
         self.closed = False
@@ -279,15 +347,23 @@ class CommLedger:
             if took > WRITE_FREE_SECONDS:
                 self._next_write_at = start + took / WRITE_BUDGET
 
-    def record(self, op: str, nbytes: int, seconds: float, function: str = "") -> None:
+    def record(self, op: str, nbytes: int, seconds: float, function: str = "", *,
+               group: Optional[Tuple[int, ...]] = None, root: Optional[int] = None) -> None:
+        """Count one collective. ``group``: its global ranks (None: the whole world; ``()``: a group
+        torch could not name); ``root``: a broadcast's / reduce's global root."""
         with self._lock:
-            entry = self.totals[(self.micro_step, self.kind, self.phase, op)]
+            entry = self.totals[(self.micro_step, self.kind, self.phase, op, group, root)]
             entry[0] += 1
             entry[1] += nbytes
             entry[2] += seconds
             if self.keep_calls:
-                self.calls.append({"micro_step": self.micro_step, "phase": self.phase, "op": op,
-                                   "function": function, "bytes": nbytes})
+                call = {"micro_step": self.micro_step, "phase": self.phase, "op": op, "function": function,
+                        "bytes": nbytes}
+                if group is not None:
+                    call["group"] = list(group)
+                if root is not None:
+                    call["root"] = root
+                self.calls.append(call)
 
     # --- DDP ------------------------------------------------------------------------------
     def ddp_comm_hook(self, process_group=None):
@@ -318,12 +394,28 @@ class CommLedger:
         return os.path.join(self.output_dir, f"comm_rank{self.rank}.json")
 
     def to_dict(self) -> dict:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        everyone = tuple(range(world))
         with self._lock:
-            records = [{"micro_step": m, "pma_kind": k, "phase": p, "op": op, "count": int(c),
-                        "bytes": int(b), "seconds": s}
-                       for (m, k, p, op), (c, b, s) in sorted(self.totals.items())]
+            merged: Dict[tuple, List[float]] = defaultdict(lambda: [0, 0, 0.0])
+            for (m, k, p, op, group, root), (c, b, s) in self.totals.items():
+                group = None if group == everyone else group  # e.g. DeepSpeed's data-parallel group of all
+                entry = merged[(m, k, p, op, group, root)]
+                entry[0] += c
+                entry[1] += b
+                entry[2] += s
             calls = list(self.calls)
-        meta = dict(self.meta, rank=self.rank, micro_steps=self.micro_steps, format_version=FORMAT_VERSION)
+        records = []
+        for (m, k, p, op, group, root), (c, b, s) in sorted(merged.items(), key=_record_order):
+            record = {"micro_step": m, "pma_kind": k, "phase": p, "op": op, "count": int(c), "bytes": int(b),
+                      "seconds": s}
+            if group is not None:
+                record["group"] = list(group)
+            if root is not None:
+                record["root"] = root
+            records.append(record)
+        meta = dict(self.meta, rank=self.rank, placement=self.placement, micro_steps=self.micro_steps,
+                    format_version=FORMAT_VERSION)
         out = {"meta": meta, "records": records}
         if self.keep_calls:
             out["calls"] = calls

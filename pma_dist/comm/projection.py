@@ -31,6 +31,8 @@ import torch
 
 from .. import memory
 from ..kernels.compiled import STEP_BYTES_PER_PARAM
+from .links import as_number, records_link_bytes
+from .placement import grid_node_map
 from .topology import Topology, load_topology
 
 # The paper's models (PMA paper, Table 1: Qwen2-0.5B, Phi-2-2.7B, Llama2-7B); parameter counts and layer
@@ -184,6 +186,14 @@ def model_period_records(setup: str, world_size: int, period: int, dtype: str, p
     return records
 
 
+def link_bytes(records: Iterable[dict], topology: Topology) -> Dict[str, float]:
+    """Bytes all GPUs send per period over intra- / inter-node links (:mod:`pma_dist.comm.links`, the same
+    ring attribution the measured report uses), ranks numbered node by node as launchers do."""
+    node_of = grid_node_map(topology.nodes, topology.gpus_per_node)
+    intra, inter = records_link_bytes(records, sorted(node_of), node_of)
+    return {"intra": as_number(intra), "inter": as_number(inter)}
+
+
 def memory_fit(label: str, setup: str, world: int, dtype: str, a: "Assumptions", memory_gb: float) -> dict:
     """Modelled peak GB per GPU (pma_dist.memory) for SFT and DPO (cached reference), with and without
     activation checkpointing; ``fits`` is SFT without checkpointing within :data:`MEMORY_HEADROOM`.
@@ -242,6 +252,7 @@ def project(topology=None, *, period: int = 8, dtype: str = "bfloat16", mfu: Opt
                 steps = price_period(records, topology, period)
                 row[name] = period_seconds(steps, compute, optimizer[pma], pma, OVERLAPPABLE[setup])
                 row[name]["bytes"] = sum(r["bytes"] for r in records)
+                row[name]["link_bytes"] = link_bytes(records, topology)
                 row[name]["latency_share"] = latency_share(records, topology)
                 if setup == "ZeRO-3":
                     row[name]["zeropp"] = zeropp_variants(records, topology, period, compute, optimizer[pma], pma)
@@ -416,6 +427,16 @@ def format_projection_markdown(projection: dict) -> str:
             f"{r['ga']['compute_s']:.3g} | {r['ga']['comm_s']:.3g} | {r['pma']['comm_s']:.3g} | "
             f"{r['pma']['optimizer_s'] - r['ga']['optimizer_s']:.3g} | {r['overhead_serial_pct']:+.1f}% | "
             f"{r['overhead_overlapped_pct']:+.1f}% |")
+    largest = projection["rows"][-1]["model"] if projection["rows"] else None
+    lines += ["", f"Bytes all {t['world_size']} GPUs send per period over intra- / inter-node links, {largest} "
+                  f"({t['nodes']} node(s) x {t['gpus_per_node']}, ring attribution of pma_dist.comm.links):", "",
+              "| set-up | GA intra-node GB | GA inter-node GB | PMA intra-node GB | PMA inter-node GB |",
+              "|---|---|---|---|---|"]
+    for r in projection["rows"]:
+        if r["model"] == largest:
+            ga, pm = r["ga"]["link_bytes"], r["pma"]["link_bytes"]
+            lines.append(f"| {r['setup']} | {ga['intra'] / 1e9:.4g} | {ga['inter'] / 1e9:.4g} | "
+                         f"{pm['intra'] / 1e9:.4g} | {pm['inter'] / 1e9:.4g} |")
     lines += ["", f"Peak GB/GPU: pma_dist.memory (model states, activations, logits, ZeRO/FSDP transients; DPO "
                   f"with the cached reference), '(ckpt)' with activation checkpointing; a value marked * does not "
                   f"fit in {100 * MEMORY_HEADROOM:.0f}% of {t.get('gpu', {}).get('memory_gb', '?')} GB. Modelled, "

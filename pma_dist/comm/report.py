@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..schedule import MicroStepSchedule
+from .report_links import link_summary
 
 REPORT_KIND = "pma-dist/report"
 SUPPORTED_FORMATS = (1,)
@@ -36,11 +37,16 @@ class ReportError(ValueError):
     """A run folder or ledger file that cannot be reported on; the message names it."""
 
 
+#: (micro_step, op, group's global ranks or None for the world, root or None) -> message bytes
+RouteKey = Tuple[int, str, Optional[Tuple[int, ...]], Optional[int]]
+
+
 @dataclass
 class RankLedger:
     path: str
     meta: dict
     records: Dict[Key, Tuple[int, int, float]]
+    routes: Dict[RouteKey, int] = field(default_factory=dict)  # what the link attribution reads
 
 
 @dataclass
@@ -80,16 +86,22 @@ def _load_rank_file(path: str) -> RankLedger:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (key in ("period", "world_size") and value < 1):
             raise ReportError(f"ledger file {path!r}: meta.{key} must be a {'positive' if key in ('period', 'world_size') else 'non-negative'} int, got {value!r}")
     records: Dict[Key, Tuple[int, int, float]] = {}
+    routes: Dict[RouteKey, int] = defaultdict(int)
     for i, r in enumerate(data["records"]):
         try:
             key = (int(r["micro_step"]), str(r["pma_kind"]), str(r["phase"]), str(r["op"]))
             value = (int(r["count"]), int(r["bytes"]), float(r["seconds"]))
+            group = r.get("group")
+            group = None if group is None else tuple(int(g) for g in group)
+            root = None if r.get("root") is None else int(r["root"])
         except (KeyError, TypeError, ValueError):
             raise ReportError(f"ledger file {path!r}: records[{i}] must have micro_step, pma_kind, phase, op, "
-                              f"count, bytes, seconds; got {r!r}") from None
+                              f"count, bytes, seconds (and optionally group: a list of ranks, root: a rank); "
+                              f"got {r!r}") from None
         old = records.get(key, (0, 0, 0.0))
         records[key] = (old[0] + value[0], old[1] + value[1], old[2] + value[2])
-    return RankLedger(path, meta, records)
+        routes[(key[0], key[3], group, root)] += value[1]
+    return RankLedger(path, meta, records, dict(routes))
 
 
 def load_run(run_dir) -> Run:
@@ -236,7 +248,7 @@ def summarize(run: Run) -> dict:
         steps_of_kind = kinds_expected.get(kind, len(kind_steps[kind]) / n) * n
         by_kind_out[kind] = {op: _scaled(v, 1.0 / steps_of_kind) for op, v in sorted(per_op.items())} \
             if steps_of_kind else {}
-    return {
+    out = {
         "run_dir": os.path.abspath(run.run_dir),
         "backend": meta.get("backend"),
         "optimizer": meta["optimizer"],
@@ -263,6 +275,8 @@ def summarize(run: Run) -> dict:
         "totals_per_period": _scaled(_sum_entries(c["per_period"] for c in collectives.values()), 1.0),
         "notes": notes,
     }
+    out["links"] = link_summary(run, out)
+    return out
 
 
 def _sum_entries(entries) -> dict:

@@ -68,6 +68,33 @@ def _phase_table(run: dict) -> List[str]:
     return lines + [""]
 
 
+def _links_table(run: dict) -> List[str]:
+    links = run.get("links")
+    if not links:
+        return []
+    if not links.get("available"):
+        return [f"Links by rank placement: not attributed -- {links.get('reason')}", ""]
+    nodes = links["placement"]["nodes"]
+    lines = [f"Bytes each rank sends over intra- / inter-node links ({len(nodes)} node(s): "
+             + "; ".join(f"{name}: rank(s) {', '.join(map(str, ranks))}" for name, ranks in nodes.items())
+             + f"). {links['algorithm']}.", "",
+             "| rank | node | intra-node / period | inter-node / period | intra-node total | inter-node total |",
+             "|---|---|---|---|---|---|"]
+    rows = list(links["per_rank"].items()) + [("all", {"node": "", "per_period": links["per_period"],
+                                                       "total": links["total"]})]
+    for rank, r in rows:
+        p, t = r["per_period"], r["total"]
+        lines.append(f"| {rank} | {r['node']} | {_bytes(p['intra'])} ({_num(p['intra'])}) | "
+                     f"{_bytes(p['inter'])} ({_num(p['inter'])}) | {_bytes(t['intra'])} | {_bytes(t['inter'])} |")
+    by_op = ", ".join(f"{op} {_bytes(v['intra'])} intra / {_bytes(v['inter'])} inter"
+                      for op, v in links["by_op_per_period"].items())
+    if by_op:
+        lines += ["", f"Per period by op (all ranks): {by_op}."]
+    if links["notes"]:
+        lines += [""] + [f"- {n}" for n in links["notes"]]
+    return lines + [""]
+
+
 def _model_lines(model: Optional[dict], title: str) -> List[str]:
     if not model:
         return []
@@ -93,11 +120,11 @@ def _model_lines(model: Optional[dict], title: str) -> List[str]:
 def render_markdown(report: dict) -> str:
     run = report["run"]
     lines = ["# Communication report", ""]
-    lines += _run_header("Run", run) + _collectives_table(run) + _phase_table(run)
+    lines += _run_header("Run", run) + _collectives_table(run) + _phase_table(run) + _links_table(run)
     lines += _model_lines(report.get("model"), "run")
     if "baseline" in report:
         base = report["baseline"]
-        lines += _run_header("Baseline", base) + _collectives_table(base) + _phase_table(base)
+        lines += _run_header("Baseline", base) + _collectives_table(base) + _phase_table(base) + _links_table(base)
         lines += _model_lines(report.get("baseline_model"), "baseline")
         ratios = report["ratios_vs_baseline"]
         lines += ["## Run / baseline, per period", "", "| op | count ratio | bytes ratio | seconds ratio |",

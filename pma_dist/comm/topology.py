@@ -31,6 +31,7 @@ import math
 import os
 import statistics
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from typing import Dict, Optional
 
 CALIBRATION_KIND = "pma-dist/bandwidth"
@@ -72,16 +73,23 @@ SOURCES = {
 }
 
 
-def bus_factor(op: str, n: int) -> float:
-    """Bytes each rank sends over its bottleneck link per message byte (nccl-tests' busbw / algbw)."""
+def exact_bus_factor(op: str, n: int) -> Fraction:
+    """Bytes each rank sends to its ring successor per message byte (nccl-tests' busbw / algbw), exactly.
+
+    The link attribution (:mod:`pma_dist.comm.links`) splits these bytes by where the successor runs."""
     op = canonical_op(op)
     if n <= 1:
-        return 0.0
+        return Fraction(0)
     if op == "all_reduce":
-        return 2.0 * (n - 1) / n
+        return Fraction(2 * (n - 1), n)
     if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    return 1.0
+        return Fraction(n - 1, n)
+    return Fraction(1)
+
+
+def bus_factor(op: str, n: int) -> float:
+    """Bytes each rank sends over its bottleneck link per message byte (nccl-tests' busbw / algbw)."""
+    return float(exact_bus_factor(op, n))
 
 
 def ring_steps(op: str, n: int) -> int:

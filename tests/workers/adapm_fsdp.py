@@ -186,9 +186,9 @@ def ledger_counts(case, rank, world, out_dir):
         ledger.close()
     measured, modelled = [], []
     for step in range(STEPS):
-        count = sum(v[0] for (i, _, phase, op), v in ledger.totals.items() if i == step and phase == "adapm")
-        nbytes = sum(v[1] for (i, _, phase, op), v in ledger.totals.items() if i == step and phase == "adapm")
-        ops = sorted({op for (i, _, phase, op) in ledger.totals if i == step and phase == "adapm"})
+        count = sum(v[0] for (i, _, phase, op, *_), v in ledger.totals.items() if i == step and phase == "adapm")
+        nbytes = sum(v[1] for (i, _, phase, op, *_), v in ledger.totals.items() if i == step and phase == "adapm")
+        ops = sorted({op for (i, _, phase, op, *_) in ledger.totals if i == step and phase == "adapm"})
         measured.append([ops, count, nbytes])
         model_totals = adapm_model.totals(adapm_model.step_messages(opt.sharded_blocks(), step + 1))
         modelled.append([sorted(model_totals), sum(c for c, _ in model_totals.values()),

@@ -99,6 +99,25 @@ def main():
     ledger.close()
     results["periodic"] = {"written": written}
 
+    # 5. Routing for the link attribution: a sub-group's global ranks and a broadcast's / reduce's root are
+    # recorded; a group of every rank (DeepSpeed's data-parallel group) is written as the world (no "group").
+    last = dist.new_group([world - 1])
+    everyone = dist.new_group(list(range(world)))
+    ledger = CommLedger(os.path.join(run_dir, "routing"), meta={"backend": "torch"}).install()
+    with ledger.in_phase("step"):
+        if rank == world - 1:
+            dist.all_reduce(torch.ones(2), group=last)                    # 8, group [world-1]
+            dist.broadcast(torch.ones(1), group=last, group_src=0)         # 4, root world-1
+        dist.all_reduce(torch.ones(3), group=everyone)                    # 12, the world
+        dist.broadcast(torch.ones(5), world - 1)                          # 20, root world-1 (positional)
+        dist.reduce(torch.ones(6), dst=0)                                 # 24, root 0
+        ds_comm.all_reduce(torch.ones(1), group=everyone)                 # 4, the world
+    ledger.close()
+    dist.barrier()
+    results["routing"] = {
+        "ranks": [json.load(open(os.path.join(run_dir, "routing", f"comm_rank{r}.json")))["records"]
+                  for r in range(world)]}
+
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
