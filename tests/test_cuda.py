@@ -157,15 +157,20 @@ def case(results, sec, name):
     return value
 
 
-# The bf16 tolerances of tests/test_deepspeed.py's bf16 cases (same model, data and steps): the update of a
-# bf16 model with fp32 masters against one fp32 process; Lion's sign() flips on small bf16 gradients.
-BF16_REL_ERR = {"AdamWPMA": 0.1, "LionPMA": 0.25}
-
-
-def assert_bf16_engine_on_gpu(result, opt_name):
-    assert result["finite"]
-    assert result["rel_err"] <= BF16_REL_ERR[opt_name], result
+def assert_bf16_engine_runs_and_one_step_is_within_bound(result):
+    """As tests/test_deepspeed.py's bf16 tests: one step within the derived bound of the same bf16 arithmetic
+    in one process on the same device (ds_suite.bf16_one_step_interval; with one rank both sides compute the
+    gradient with the same kernel, so its bound only adds margin; the fp32 slack covers the compiled step),
+    and 12 steps that run: finite, the loss falls, one PMA step per micro-batch."""
+    one = result["one_step"]
+    assert "error" not in one and one["rows_match"] and one["outside"] == 0, one
+    assert one["widened"] < one["numel"] / 10, one
+    assert result["finite"] and result["loss_end"] < result["loss_start"], result
     assert result["group_steps"] == [result["steps"]] * 2  # one PMA step per micro-batch, both groups
+
+
+def assert_bf16_engine_on_gpu(result):
+    assert_bf16_engine_runs_and_one_step_is_within_bound(result)
     assert (result["model_device"], result["model_dtype"], result["state_devices"]) == ("cuda", "bfloat16", ["cuda"])
 
 
@@ -175,14 +180,14 @@ def test_deepspeed_zero_stage_bf16_on_one_gpu(gpu_suite, stage):
     assert (gpu_suite["accelerator"], gpu_suite["backend"], gpu_suite["world"]) == ("cuda", "nccl", 1)
     for opt_name in ("AdamWPMA", "LionPMA"):
         result = case(gpu_suite, "deepspeed", f"zero{stage}_{opt_name.lower()}")
-        assert_bf16_engine_on_gpu(result, opt_name)
+        assert_bf16_engine_on_gpu(result)
         assert result["compiled_calls"] == 0  # fused=None on CUDA: the foreach path
 
 
 @pytest.mark.cuda
 def test_deepspeed_fused_true_runs_the_compiled_step(gpu_suite):
     result = case(gpu_suite, "deepspeed", "zero2_adamwpma_fused")
-    assert_bf16_engine_on_gpu(result, "AdamWPMA")
+    assert_bf16_engine_on_gpu(result)
     assert result["compiled_calls"] == 2 * result["steps"]  # ZeRO-2: one flat fp32 partition per group
 
 
@@ -190,9 +195,7 @@ def test_deepspeed_fused_true_runs_the_compiled_step(gpu_suite):
 @pytest.mark.parametrize("name", ["zero2_offload_adamwpma", "zero3_offload_lionpma"])
 def test_deepspeed_offload_steps_on_cpu_for_a_gpu_model(gpu_suite, name):
     result = case(gpu_suite, "deepspeed", name)
-    opt_name = "AdamWPMA" if "adamw" in name else "LionPMA"
-    assert result["finite"] and result["rel_err"] <= BF16_REL_ERR[opt_name], result
-    assert result["group_steps"] == [result["steps"]] * 2
+    assert_bf16_engine_runs_and_one_step_is_within_bound(result)
     assert (result["model_device"], result["model_dtype"], result["state_devices"]) == ("cuda", "bfloat16", ["cpu"])
 
 
@@ -250,7 +253,7 @@ def test_gpu_suite_worker_runs_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert (results["accelerator"], results["backend"]) == ("cpu", "gloo")
     ds = case(results, "deepspeed", "zero3_adamwpma")
-    assert ds["rel_err"] <= BF16_REL_ERR["AdamWPMA"] and ds["group_steps"] == [ds["steps"]] * 2
+    assert_bf16_engine_runs_and_one_step_is_within_bound(ds)
     assert (ds["model_device"], ds["model_dtype"], ds["state_devices"]) == ("cpu", "bfloat16", ["cpu"])
     for name in ("adamw_pma_reference", "adamw_pma"):
         assert case(results, "fsdp", name)["max_abs_diff"] <= FSDP_ABS_TOL

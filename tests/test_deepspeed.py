@@ -103,22 +103,40 @@ def test_offload_optimizer_from_config(suite, name):
     assert_halved_state(result)
 
 
-BF16_CASES = {
-    # case: (wrapper DeepSpeed picks, max relative error of the update vs fp32 single process)
-    "bf16_zero0_adamw_pma": ("FP16_UnfusedOptimizer", 0.1),
-    "bf16_zero1_fp32acc_adamw_pma": ("BF16_Optimizer", 0.1),
-    "bf16_zero2_lion_pma": ("DeepSpeedZeroOptimizer", 0.25),  # sign() flips on small bf16 gradients
-    "bf16_zero3_adamw_pma": ("DeepSpeedZeroOptimizer_Stage3", 0.1),
+BF16_CASES = {  # case: the wrapper DeepSpeed picks
+    "bf16_zero0_adamw_pma": "FP16_UnfusedOptimizer",
+    "bf16_zero1_fp32acc_adamw_pma": "BF16_Optimizer",
+    "bf16_zero2_lion_pma": "DeepSpeedZeroOptimizer",
+    "bf16_zero3_adamw_pma": "DeepSpeedZeroOptimizer_Stage3",
 }
 
 
 @pytest.mark.parametrize("name", sorted(BF16_CASES))
-def test_bf16_is_finite_close_to_fp32_and_setup_leaves_phase(suite, name):
-    wrapper, tol = BF16_CASES[name]
+def test_bf16_one_step_within_the_derived_bound_of_one_process(suite, name):
+    """Parity: one step of the 2-rank bf16 engine against the same bf16 arithmetic in one process. The bound
+    (derived in ds_suite.bf16_one_step_interval) allows only the gradient's extra bf16 roundings of the
+    2-rank reduction, |dg| <= B = (1 + 2U) (U (|g_0| + |g_1|) / 2 + 2U |g|), U = 2**-8, pushed through the
+    monotone first PMA step: every bf16 weight must lie in the rounded interval of the steps taken with
+    g - B and g + B; where that interval is one bf16 value (most weights) the engine must hit it exactly."""
+    result = case(suite, name.replace("bf16_", "bf16_one_step_", 1))
+    assert result["wrapper"] == BF16_CASES[name]
+    assert result["rows_match"]  # the premise of the bound: rows compute the same at batch 2 and 4
+    assert result["group_steps"] == [1, 1]
+    assert result["outside"] == 0, result
+    assert result["widened"] < result["numel"] / 10  # the bound is tight: most weights must match exactly
+
+
+@pytest.mark.parametrize("name", sorted(BF16_CASES))
+def test_bf16_runs_finite_falling_loss_and_setup_leaves_phase(suite, name):
+    """Runs: 3 periods of bf16 training are finite, lower the loss, and keep the PMA phase. The update's
+    distance from the fp32 single-process run (``rel_err``: 1.8e-2 for AdamW-PMA, 0.15 for Lion-PMA, whose
+    sign flips where a gradient element is within rounding of 0) is reported, not bounded: 12 nonlinear
+    steps of bf16 forward/backward at bf16 weights admit no useful derivable bound, so parity is the
+    one-step test above."""
     result = case(suite, name)
-    assert result["wrapper"] == wrapper
+    assert result["wrapper"] == BF16_CASES[name]
     assert result["finite"]
-    assert result["rel_err"] <= tol
+    assert result["loss_end"] < result["loss_start"]
     # DeepSpeed's setup-time step (FP16_UnfusedOptimizer steps once with zero grads) changed nothing:
     assert result["group_steps_after_init"] == [0, 0]
     assert result["moments_zero_after_init"]
