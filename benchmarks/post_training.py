@@ -471,7 +471,9 @@ def analyse(runs: dict, curves: dict) -> list:
                              sweep={f"{x:g}": runs[rid]["select_loss"] for x, rid in sorted(sweep.items())},
                              total_samples=runs[next(iter(seeds.values()))]["samples"])
                 if task.startswith("dpo"):
-                    entry["accuracy"] = [runs[rid].get("eval_accuracy") for rid in seeds.values()]
+                    # DPO's preference accuracy: the implicit reward of chosen above rejected's (a longer chosen
+                    # answer has the lower log-probability, so the raw log-prob comparison is not the measure)
+                    entry["accuracy"] = [runs[rid].get("eval_reward_accuracy") for rid in seeds.values()]
                 entry["noise_to_signal"] = [_last_noise(curves.get(rid, [])) for rid in seeds.values()]
                 entry["update_variance"] = [_last_variance(curves.get(rid, [])) for rid in seeds.values()]
                 if ga_mean and reached:
@@ -538,7 +540,7 @@ def markdown(rows: list, runs: dict) -> str:
                   f"per run; seeds {', '.join(map(str, group[0]['seeds']))}.", "",
                   "| arm (K) | lr (select split) | final eval loss | samples to target | GA / arm (samples) | "
                   "GA / arm (cost-adjusted) | "
-                  + ("eval accuracy | " if dpo else "") + "update noise/signal | update variance |",
+                  + ("eval reward accuracy | " if dpo else "") + "update noise/signal | update variance |",
                   "|---|---|---|---|---|---|" + ("---|" if dpo else "") + "---|---|"]
         for r in sorted(group, key=lambda r: (r["family"], list(ARMS).index(r["arm"]))):
             edge = " (grid edge)" if r["lr_at_edge"] else ""
