@@ -75,6 +75,39 @@ def launcher_command(launcher: str, nproc: int, script: Path, port: int) -> list
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (Linux /proc), found before any is killed."""
+    children: dict = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher, its session and every descendant: ranks (and a JIT build's compilers under them)
+    may sit in sessions of their own, out of reach of the launcher's killpg, and would hold the pipes open."""
+    below = _descendants(pid) if Path("/proc").is_dir() else []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_ranks(script, args: Iterable[str] = (), *, nproc: int = 2, launcher: str = "torchrun",
               timeout: float = 300, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
     """Launch ``script`` on ``nproc`` ranks; fail the test on timeout or (with ``check``) non-zero exit."""
@@ -90,8 +123,8 @@ def run_ranks(script, args: Iterable[str] = (), *, nproc: int = 2, launcher: str
     try:
         stdout, stderr = popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)  # the launcher's children share its session
-        stdout, stderr = popen.communicate()
+        kill_tree(popen.pid)
+        stdout, stderr = popen.communicate(timeout=60)
         pytest.fail(f"{launcher} run of {script.name} timed out after {timeout}s\n"
                     f"stdout:\n{stdout[-6000:]}\nstderr:\n{stderr[-6000:]}")
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)

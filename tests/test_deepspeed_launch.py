@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.launching import MPIRUN_MISSING, REPO, WORKERS, find_mpirun, free_port, rank_env
+from tests.launching import MPIRUN_MISSING, REPO, WORKERS, find_mpirun, free_port, kill_tree, rank_env
 
 TIMEOUT = 300
 
@@ -30,8 +29,8 @@ def run_recipe(launcher: str):
     try:
         stdout, stderr = popen.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        stdout, stderr = popen.communicate()
+        kill_tree(popen.pid)
+        stdout, stderr = popen.communicate(timeout=60)
         pytest.fail(f"{launcher} recipe timed out after {TIMEOUT}s\n{stdout[-4000:]}\n{stderr[-4000:]}")
     facts = [json.loads(line.split("LAUNCH-OK ", 1)[1]) for line in stdout.splitlines() if "LAUNCH-OK " in line]
     return popen.returncode, sorted(facts, key=lambda f: f["rank"]), stdout, stderr
