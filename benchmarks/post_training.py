@@ -288,6 +288,9 @@ def plan_stage_b(args, out, task):
     return runs
 
 
+STEP_COST_TASK = "sft_alpaca"
+
+
 def step_cost_runs(args):
     """(arm, K, round): short runs cycling through the arms, so machine load hits all of them alike."""
     return [(arm, k, r) for r in range(args.step_cost_rounds) for k in args.periods for arm in args.arms
@@ -299,7 +302,7 @@ def step_cost_dir(args, arm, period, round_) -> Path:
 
 
 def step_cost_argv(args, arm, period, round_):
-    argv = train_argv(args, "sft_alpaca", arm, 1 if is_plain(arm) else period, lr_grid(args, "sft_alpaca", arm)[0],
+    argv = train_argv(args, STEP_COST_TASK, arm, 1 if is_plain(arm) else period, lr_grid(args, STEP_COST_TASK, arm)[0],
                       0, out=step_cost_dir(args, arm, period, round_))
     for flag, value in (("--micro-steps", str(4 * max(args.periods))), ("--eval-every", "0"), ("--eval-size", "8"),
                         ("--select-size", "0")):
@@ -482,7 +485,7 @@ def analyse(runs: dict, curves: dict) -> list:
                     # (and all-reduce) on every micro-batch, GA once per K
                     own = per_micro_step.get((regime, arm, 1 if is_plain(arm) else k))
                     ga_cost_s = per_micro_step.get((regime, f"{fam}_ga", k))
-                    if own and ga_cost_s:
+                    if own and ga_cost_s and task == STEP_COST_TASK:  # timed on that task's micro-steps only
                         entry["cost_adjusted_vs_ga"] = entry["ratio_vs_ga"] * ga_cost_s / own
                 rows.append(entry)
     return rows
