@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             "adamw_ga": train(args, "adamw_ga", "adamw_ga", model, data, out),
             "adamw": train(args, "adamw", "adamw", model, data, out)}
     names = {"adamw_pma": f"{get_method(args.pma_method).display} K={k}", "adamw_ga": f"{get_method('adamw_ga').display} K={k}",
-             "adamw": f"{get_method('adamw').display}, no accumulation"}
+             "adamw": get_method("adamw").display}
 
     from pma_dist.comm.report import write_run_report
     from recipes.posttrain.plots import plot_loss_vs_time, plot_update_variance
