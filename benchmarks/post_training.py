@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.pages import PAGES, RESULTS, link, write_section  # noqa: E402
 from pma_dist.methods import get_method  # noqa: E402
-from recipes.posttrain.metrics import read_metrics  # noqa: E402
+from recipes.posttrain.metrics import read_metrics, time_to_target  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -209,10 +209,10 @@ def extended_grid(out: Path, args, task, arm, period):
     best = best_lr(out, args, task, arm, period, grid)
     if best is None or args.grid is not None or len(grid) < 2:
         return grid, None
-    if best == grid[0] and len(grid) - len(lr_grid(args, task, arm)) < 2 * MAX_EXTENSIONS:
-        return grid, half_decade(best, -1) if _extensions(grid, lr_grid(args, task, arm), -1) < MAX_EXTENSIONS else None
-    if best == grid[-1]:
-        return grid, half_decade(best, 1) if _extensions(grid, lr_grid(args, task, arm), 1) < MAX_EXTENSIONS else None
+    start = lr_grid(args, task, arm)
+    for direction, edge in ((-1, grid[0]), (1, grid[-1])):
+        if best == edge and _extensions(grid, start, direction) < MAX_EXTENSIONS:
+            return grid, half_decade(best, direction)
     return grid, None
 
 
@@ -406,15 +406,9 @@ def load_committed(results: Path):
 
 # ------------------------------------------------------------------------------ analysis
 def samples_to_target(curve, target):
-    """Samples at the first linear interpolation of the eval curve through ``target``; None if never reached."""
-    rows = [r for r in curve if r["kind"] == "eval"]
-    for before, after in zip(rows, rows[1:]):
-        if after["eval_loss"] <= target:
-            if before["eval_loss"] <= target:
-                return before["samples"]
-            f = (before["eval_loss"] - target) / (before["eval_loss"] - after["eval_loss"])
-            return before["samples"] + f * (after["samples"] - before["samples"])
-    return None
+    """Samples at the eval curve's first interpolated crossing of ``target``; None if never reached."""
+    hit = time_to_target([r for r in curve if r["kind"] == "eval"], target)
+    return hit[1] if hit is not None else None
 
 
 def settings_of(runs: dict):

@@ -56,6 +56,17 @@ def test_a_dir_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path):
         resolve(_args(tmp_path, "--resume", "--overwrite"))
 
 
+def test_save_model_over_a_saved_model_is_refused_without_overwrite(tmp_path):
+    saved = tmp_path / "model"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"--save-model {saved} already holds a model"):
+        run_dir.check(resolve(_args(tmp_path / "run", "--save-model", str(saved))))
+    run_dir.check(resolve(_args(tmp_path / "run", "--save-model", str(saved), "--overwrite")))
+    run_dir.check(resolve(_args(tmp_path / "run", "--save-model", str(tmp_path / "new"))))
+    assert (saved / "config.json").read_text() == "{}"  # checking writes nothing over it
+
+
 def test_set_aside_moves_the_old_run_and_deletes_nothing(tmp_path):
     (tmp_path / "checkpoints" / "micro00000040").mkdir(parents=True)
     (tmp_path / "checkpoints" / "micro00000040" / "f").write_text("weights")
