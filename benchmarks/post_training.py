@@ -170,6 +170,7 @@ def parse_args(argv=None):
     if args.grid is not None and any(not lr > 0 for lr in args.grid):
         p.error(f"--grid {args.grid}: learning rates must be > 0")
     args.results = Path(args.results) if args.results else RESULTS / "post_training" / args.name
+    args.committed = committed_runs(args.results) if not args.report_only else {}
     return args
 
 
@@ -184,9 +185,13 @@ def parse_run_id(rid: str) -> dict:
                 seed=int(seed[1:]))
 
 
-def summary(out: Path, rid: str):
+def summary(out: Path, rid: str, committed: dict | None = None):
+    """A finished run's summary: from its folder under --out, else from the committed runs.json, so a run made
+    in an earlier session or on another machine is reused, not run again (None: not run yet)."""
     path = out / rid / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if path.exists():
+        return json.loads(path.read_text())
+    return (committed or {}).get(rid)
 
 
 def lr_grid(args, task, arm):
@@ -203,7 +208,8 @@ def extended_grid(out: Path, args, task, arm, period):
         for _ in range(MAX_EXTENSIONS):
             edge = grid[0] if direction < 0 else grid[-1]
             beyond = half_decade(edge, direction)
-            if summary(out, run_id(task, args.regime, args.schedule, arm, period, beyond, args.seeds[0])) is None:
+            if summary(out, run_id(task, args.regime, args.schedule, arm, period, beyond, args.seeds[0]),
+                       args.committed) is None:
                 break
             grid = sorted(grid + [beyond])
     best = best_lr(out, args, task, arm, period, grid)
@@ -258,7 +264,7 @@ def train_argv(args, task, arm, period, lr, seed, out=None):
 def best_lr(out: Path, args, task, arm, period, grid):
     """The lr of the lowest final select loss at the first seed (None until one run of the grid finished)."""
     finished = [(s["select_loss"], lr) for lr in grid
-                if (s := summary(out, run_id(task, args.regime, args.schedule, arm, period, lr, args.seeds[0])))]
+                if (s := summary(out, run_id(task, args.regime, args.schedule, arm, period, lr, args.seeds[0]), args.committed))]
     return min(finished)[1] if finished else None
 
 
@@ -288,22 +294,20 @@ def plan_stage_b(args, out, task):
     return runs
 
 
-STEP_COST_TASK = "sft_alpaca"
-
-
 def step_cost_runs(args):
-    """(arm, K, round): short runs cycling through the arms, so machine load hits all of them alike."""
-    return [(arm, k, r) for r in range(args.step_cost_rounds) for k in args.periods for arm in args.arms
-            if not (is_plain(arm) and k != args.periods[0])]
+    """(task, arm, K, round): short runs cycling through the arms, so machine load hits all of them alike."""
+    return [(task, arm, k, r) for r in range(args.step_cost_rounds) for task in args.tasks for k in args.periods
+            for arm in args.arms if not (is_plain(arm) and k != args.periods[0])]
 
 
-def step_cost_dir(args, arm, period, round_) -> Path:
-    return Path(args.out) / "step_cost" / f"{args.regime}__{arm}__K{1 if is_plain(arm) else period}__r{round_}"
+def step_cost_dir(args, task, arm, period, round_) -> Path:
+    k = 1 if is_plain(arm) else period
+    return Path(args.out) / "step_cost" / f"{task}__{args.regime}__{arm}__K{k}__r{round_}"
 
 
-def step_cost_argv(args, arm, period, round_):
-    argv = train_argv(args, STEP_COST_TASK, arm, 1 if is_plain(arm) else period, lr_grid(args, STEP_COST_TASK, arm)[0],
-                      0, out=step_cost_dir(args, arm, period, round_))
+def step_cost_argv(args, task, arm, period, round_):
+    argv = train_argv(args, task, arm, 1 if is_plain(arm) else period, lr_grid(args, task, arm)[0], 0,
+                      out=step_cost_dir(args, task, arm, period, round_))
     for flag, value in (("--micro-steps", str(4 * max(args.periods))), ("--eval-every", "0"), ("--eval-size", "8"),
                         ("--select-size", "0")):
         argv[argv.index(flag) + 1] = value
@@ -318,19 +322,19 @@ def worker(args) -> None:
     from recipes.posttrain import config, trainer
 
     out = Path(args.out)
-    if args.step_cost:
-        for arm, period, round_ in step_cost_runs(args):
-            if not (step_cost_dir(args, arm, period, round_) / "summary.json").exists():
-                trainer.run(config.resolve(step_cost_argv(args, arm, period, round_)))
-        distributed.shutdown(0)
     if any(TASKS[t].base == "sft_base" for t in args.tasks) and not (sft_base_dir(args) / "config.json").exists():
         trainer.run(config.resolve(sft_base_argv(args)))
+    if args.step_cost:
+        for task, arm, period, round_ in step_cost_runs(args):
+            if not (step_cost_dir(args, task, arm, period, round_) / "summary.json").exists():
+                trainer.run(config.resolve(step_cost_argv(args, task, arm, period, round_)))
+        distributed.shutdown(0)
     for task in args.tasks:
         for stage in (plan_stage_a, *[plan_extensions] * (2 * MAX_EXTENSIONS), plan_stage_b):
             dist.barrier() if dist.is_initialized() else None  # every rank sees the same finished runs
             for task_, arm, period, lr, seed in stage(args, out, task):
                 rid = run_id(task_, args.regime, args.schedule, arm, period, lr, seed)
-                if summary(out, rid) is not None:
+                if summary(out, rid, args.committed) is not None:
                     continue
                 result = trainer.run(config.resolve(train_argv(args, task_, arm, period, lr, seed)))
                 if dist.get_rank() == 0:
@@ -392,8 +396,12 @@ def _compact(value):
     return repr(value) if isinstance(value, float) else value
 
 
+def committed_runs(results: Path) -> dict:
+    return json.loads((results / "runs.json").read_text()) if (results / "runs.json").exists() else {}
+
+
 def load_committed(results: Path):
-    runs = json.loads((results / "runs.json").read_text()) if (results / "runs.json").exists() else {}
+    runs = committed_runs(results)
     curves: dict = {}
     if (results / "curves.csv").exists():
         with open(results / "curves.csv", newline="") as f:
@@ -477,9 +485,9 @@ def analyse(runs: dict, curves: dict) -> list:
                     entry["ratio_vs_ga"] = ga_mean / mean(reached)
                     # samples are free of the machine; a micro-step's cost is not: PMA and the plain arm step
                     # (and all-reduce) on every micro-batch, GA once per K
-                    own = per_micro_step.get((regime, arm, 1 if is_plain(arm) else k))
-                    ga_cost_s = per_micro_step.get((regime, f"{fam}_ga", k))
-                    if own and ga_cost_s and task == STEP_COST_TASK:  # timed on that task's micro-steps only
+                    own = per_micro_step.get((task, regime, arm, 1 if is_plain(arm) else k))
+                    ga_cost_s = per_micro_step.get((task, regime, f"{fam}_ga", k))
+                    if own and ga_cost_s:
                         entry["cost_adjusted_vs_ga"] = entry["ratio_vs_ga"] * ga_cost_s / own
                 rows.append(entry)
     return rows
@@ -497,14 +505,14 @@ def _last_variance(curve):
 
 
 def step_costs(runs: dict) -> dict:
-    """(regime, arm, K) -> median training seconds per micro-step over the interleaved rounds."""
+    """(task, regime, arm, K) -> median training seconds per micro-step over the interleaved rounds."""
     from statistics import median
 
     seconds = {}
     for rid, s in runs.items():
         if rid.startswith("step_cost__"):
-            regime, arm, k, _ = rid.removeprefix("step_cost__").split("__")
-            seconds.setdefault((regime, arm, int(k[1:])), []).append(s["wall_clock"] / s["micro_steps"])
+            task, regime, arm, k, _ = rid.removeprefix("step_cost__").split("__")
+            seconds.setdefault((task, regime, arm, int(k[1:])), []).append(s["wall_clock"] / s["micro_steps"])
     return {key: median(v) for key, v in seconds.items()}
 
 
@@ -550,8 +558,8 @@ def markdown(rows: list, runs: dict) -> str:
     costs = step_costs(runs)
     if costs:
         lines += ["Seconds per micro-step (median of interleaved rounds, 2 ranks, training only):", "",
-                  "| regime | arm | K | s / micro-step |", "|---|---|---|---|"]
-        lines += [f"| {g} | {a} | {k} | {v:.4f} |" for (g, a, k), v in sorted(costs.items())]
+                  "| task | regime | arm | K | s / micro-step |", "|---|---|---|---|---|"]
+        lines += [f"| {t} | {g} | {a} | {k} | {v:.4f} |" for (t, g, a, k), v in sorted(costs.items())]
         lines.append("")
     lines += ["Full sweep (every run: final select and eval loss):", "",
               "| run | select loss | eval loss | eval accuracy | samples | optimizer steps |", "|---|---|---|---|---|---|"]

@@ -49,9 +49,13 @@ def test_every_job_argv_is_one_the_trainer_accepts(tmp_path):
     assert sorted({(a, k) for _, a, k, _, _ in bench.plan_stage_a(args, tmp_path, "sft_alpaca")}) == sorted(
         [("adamw_pma", 8), ("adamw_pma-periodic", 8), ("adamw_ga", 8), ("adamw", 1), ("lion_pma", 8), ("lion_ga", 8),
          ("lion", 1)])
-    cost = bench.step_cost_argv(args, "adamw_pma", 8, 0)
+    cost = bench.step_cost_argv(args, "sft_alpaca", "adamw_pma", 8, 0)
     assert "--log-update-variance" not in cost and "--variance-every" not in cost and _flag(cost, "--micro-steps") == "32"
     config.resolve(cost)
+    dpo_cost = bench.step_cost_argv(args, "dpo_gpt4", "adamw_ga", 8, 2)  # each task is timed on its own micro-steps
+    assert (_flag(dpo_cost, "--task"), _flag(dpo_cost, "--micro-batch-size"), _flag(dpo_cost, "--eval-every")) == (
+        "dpo", "1", "0")
+    assert _flag(dpo_cost, "--output-dir") == str(tmp_path / "runs" / "step_cost" / "dpo_gpt4__paper__adamw_ga__K8__r2")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -171,10 +175,12 @@ def test_page_section_is_replaced_in_place_and_other_text_kept(tmp_path):
     assert f"| {_rid('adamw_ga', 8, 3e-3)} | 3.3000 | 2.0000 | - | 300 | 1 |" in text
 
 
-def test_step_costs_are_medians_per_regime_arm_and_k(tmp_path):
-    runs = {f"step_cost__paper__adamw_pma__K8__r{r}": {"wall_clock": w, "micro_steps": 32}
+def test_step_costs_are_medians_per_task_regime_arm_and_k(tmp_path):
+    runs = {f"step_cost__sft_alpaca__paper__adamw_pma__K8__r{r}": {"wall_clock": w, "micro_steps": 32}
             for r, w in enumerate((3.2, 6.4, 4.8))}
-    assert bench.step_costs(runs) == {("paper", "adamw_pma", 8): pytest.approx(4.8 / 32)}
+    runs["step_cost__dpo_gpt4__paper__adamw_pma__K8__r0"] = {"wall_clock": 64.0, "micro_steps": 32}
+    assert bench.step_costs(runs) == {("sft_alpaca", "paper", "adamw_pma", 8): pytest.approx(4.8 / 32),
+                                      ("dpo_gpt4", "paper", "adamw_pma", 8): 2.0}
 
 
 def test_half_decade_ladder():
@@ -199,15 +205,34 @@ def test_grid_is_extended_while_the_best_lr_sits_at_an_edge(tmp_path):
     assert bench.plan_stage_b(args, out, "sft_alpaca") == [("sft_alpaca", "adamw", 1, 3e-5, 1), ("sft_alpaca", "adamw", 1, 3e-5, 2)]
 
 
-def test_cost_adjusted_ratio_uses_the_step_costs_of_the_same_regime(tmp_path):
+def test_cost_adjusted_ratio_uses_the_step_costs_of_the_same_task_and_regime(tmp_path):
     args = _args(tmp_path)
     out = _setting(tmp_path)
-    for arm, k, seconds in (("adamw_ga", 8, 2.0), ("adamw_pma", 8, 3.0), ("adamw_ga", 8, 9.0)):
-        regime = "paper" if seconds < 9 else "today"  # another regime's cost must not be used
-        _fake_run(out / "step_cost", f"{regime}__{arm}__K{k}__r0", [4.0], select=4.0)
-        summary = out / "step_cost" / f"{regime}__{arm}__K{k}__r0" / "summary.json"
-        summary.write_text(json.dumps({"wall_clock": seconds, "micro_steps": 32}))
+    # another regime's or another task's cost must not be used
+    for task, regime, arm, seconds in (("sft_alpaca", "paper", "adamw_ga", 2.0), ("sft_alpaca", "paper", "adamw_pma", 3.0),
+                                       ("sft_alpaca", "today", "adamw_ga", 9.0), ("dpo_gpt4", "paper", "adamw_ga", 7.0)):
+        name = f"{task}__{regime}__{arm}__K8__r0"
+        _fake_run(out / "step_cost", name, [4.0], select=4.0)
+        (out / "step_cost" / name / "summary.json").write_text(json.dumps({"wall_clock": seconds, "micro_steps": 32}))
     bench.collect(args)
     rows = {r["arm"]: r for r in bench.report(args)}
     assert rows["adamw_pma"]["cost_adjusted_vs_ga"] == pytest.approx(rows["adamw_pma"]["ratio_vs_ga"] * 2.0 / 3.0)
     assert "cost_adjusted_vs_ga" not in rows["adamw"]  # never timed
+
+
+def test_committed_runs_count_as_finished(tmp_path):
+    """A run in the committed runs.json (an earlier session's, another machine's) is neither re-run nor swept again."""
+    args = _args(tmp_path, "--regime", "paper")
+    out = tmp_path / "runs"
+    for lr, select in zip((3e-4, 1e-3, 3e-3), (3.0, 2.9, 3.1)):
+        _fake_run(out, _rid("adamw", 1, lr), [4.0, select], select=select)
+    bench.collect(args)
+    import shutil
+
+    shutil.rmtree(out)  # only the committed results are left
+    args = _args(tmp_path, "--regime", "paper")
+    assert bench.summary(out, _rid("adamw", 1, 1e-3), args.committed)["select_loss"] == 2.9
+    assert bench.summary(out, _rid("adamw", 1, 1e-2), args.committed) is None
+    assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == ([3e-4, 1e-3, 3e-3], None)  # interior best
+    assert bench.plan_stage_b(args, out, "sft_alpaca")[:2] == [("sft_alpaca", "adamw", 1, 1e-3, 1),
+                                                               ("sft_alpaca", "adamw", 1, 1e-3, 2)]
