@@ -236,3 +236,21 @@ def test_committed_runs_count_as_finished(tmp_path):
     assert bench.extended_grid(out, args, "sft_alpaca", "adamw", 1) == ([3e-4, 1e-3, 3e-3], None)  # interior best
     assert bench.plan_stage_b(args, out, "sft_alpaca")[:2] == [("sft_alpaca", "adamw", 1, 1e-3, 1),
                                                                ("sft_alpaca", "adamw", 1, 1e-3, 2)]
+
+
+def test_headline_row_holds_each_arms_ratio_and_final_loss(tmp_path):
+    args = _args(tmp_path)
+    _setting(tmp_path)
+    bench.collect(args)
+    rows = bench.report(args)
+    table = bench.headline_markdown({"stories260k": rows})
+    # GA's mean cost (100*0.9/1.1 + 150) / 2 = 115.9; PMA's 90 -> 1.29x; plain AdamW never reaches 3.1
+    assert ("| stories260K | SFT, paper, constant, K = 8 | AdamW | **1.29x (2.400)** | not run | 1.00x (3.050) "
+            "| not reached (0/1) (3.500) |") in table
+    # the summary page keeps its prose; the table goes between its markers
+    page = tmp_path / "summary.md"
+    page.write_text("# B\n\nprose\n\n<!-- generated: post_training headline -->\n<!-- end generated: post_training headline -->\n")
+    (tmp_path / "sets" / "stories260k").mkdir(parents=True)
+    (tmp_path / "sets" / "stories260k" / "results.json").write_text(json.dumps({"comparisons": rows}))
+    assert bench.write_headline(tmp_path / "sets", page) == table
+    assert page.read_text().startswith("# B\n\nprose\n") and table in page.read_text()
