@@ -368,18 +368,20 @@ def collect(args) -> None:
     and not under --out are kept, so the benchmark can be run in pieces and on several machines)."""
     out = Path(args.out)
     runs, curves = load_committed(args.results)
+    machine = cpu_name()
     for path in sorted(out.glob("*/summary.json")):
         rid = path.parent.name
         if rid.count("__") != 6:
             continue
         s = json.loads(path.read_text())
         runs[rid] = {k: s.get(k) for k in SUMMARY_KEYS}
+        runs[rid]["machine"] = machine
         rows = read_metrics(path.parent / "metrics.jsonl")
         curves[rid] = [{c: r.get(c) for c in CURVE_COLUMNS[1:]} for r in rows
                        if r.get("kind") in ("eval", "update_variance")]
     for path in (out / "step_cost").glob("*/summary.json"):
         s = json.loads(path.read_text())
-        runs["step_cost__" + path.parent.name] = {k: s.get(k) for k in SUMMARY_KEYS}
+        runs["step_cost__" + path.parent.name] = {k: s.get(k) for k in SUMMARY_KEYS} | {"machine": machine}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "runs.json").write_text(json.dumps(dict(sorted(runs.items())), indent=0))
     with open(args.results / "curves.csv", "w", newline="") as f:
@@ -388,6 +390,19 @@ def collect(args) -> None:
         for rid in sorted(curves):
             for row in curves[rid]:
                 writer.writerow({"run": rid, **{k: _compact(v) for k, v in row.items()}})
+
+
+def cpu_name() -> str:
+    """The CPU the runs under --out were made on (samples do not depend on it, seconds and the last bits do)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _compact(value):
@@ -561,14 +576,15 @@ def markdown(rows: list, runs: dict) -> str:
                   "| task | regime | arm | K | s / micro-step |", "|---|---|---|---|---|"]
         lines += [f"| {t} | {g} | {a} | {k} | {v:.4f} |" for (t, g, a, k), v in sorted(costs.items())]
         lines.append("")
-    lines += ["Full sweep (every run: final select and eval loss):", "",
-              "| run | select loss | eval loss | eval accuracy | samples | optimizer steps |", "|---|---|---|---|---|---|"]
+    lines += ["Full sweep (every run: final select and eval loss, and the CPU it ran on):", "",
+              "| run | select loss | eval loss | eval accuracy | samples | optimizer steps | machine |",
+              "|---|---|---|---|---|---|---|"]
     for rid, r in sorted(runs.items()):
         if rid.startswith("step_cost__"):
             continue
         acc = f"{r['eval_accuracy']:.3f}" if r.get("eval_accuracy") is not None else "-"
         lines.append(f"| {rid} | {r['select_loss']:.4f} | {r['eval_loss']:.4f} | {acc} | {r['samples']} "
-                     f"| {r['optimizer_steps']} |")
+                     f"| {r['optimizer_steps']} | {r.get('machine') or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -172,7 +172,7 @@ def test_page_section_is_replaced_in_place_and_other_text_kept(tmp_path):
     bench.report(args)
     text = page.read_text()
     assert "stale" not in text and "hand-written prose" in text and text.endswith("more prose\n")
-    assert f"| {_rid('adamw_ga', 8, 3e-3)} | 3.3000 | 2.0000 | - | 300 | 1 |" in text
+    assert f"| {_rid('adamw_ga', 8, 3e-3)} | 3.3000 | 2.0000 | - | 300 | 1 | {bench.cpu_name()} |" in text
 
 
 def test_step_costs_are_medians_per_task_regime_arm_and_k(tmp_path):
