@@ -650,7 +650,9 @@ def headline_markdown(sets: dict) -> str:
             group = {r["arm"]: r for r in rows
                      if (r["task"], r["regime"], r["schedule"], r["K"], r["family"]) == (task, regime, schedule, k, fam)}
             arms = {"pma": f"{fam}_pma", "pma-periodic": f"{fam}_pma-periodic", "ga": f"{fam}_ga", "plain": fam}
-            best = max((r.get("ratio_vs_ga", 0), arm) for arm, r in group.items())[1]
+            # bold: the fastest arm among those whose every seed reached the target (a missed seed has no cost)
+            best = max((r.get("ratio_vs_ga", 0), arm) for arm, r in group.items()
+                       if None not in r["samples_to_target"])[1]
             cells = []
             for column in HEADLINE_ARMS:
                 r = group.get(arms[column])

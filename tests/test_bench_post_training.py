@@ -254,3 +254,14 @@ def test_headline_row_holds_each_arms_ratio_and_final_loss(tmp_path):
     (tmp_path / "sets" / "stories260k" / "results.json").write_text(json.dumps({"comparisons": rows}))
     assert bench.write_headline(tmp_path / "sets", page) == table
     assert page.read_text().startswith("# B\n\nprose\n") and table in page.read_text()
+
+
+def test_headline_bolds_no_arm_that_missed_the_target_in_a_seed(tmp_path):
+    args = _args(tmp_path)
+    _setting(tmp_path)
+    bench.collect(args)
+    rows = bench.report(args)
+    plain = next(r for r in rows if r["arm"] == "adamw")
+    plain.update(samples_to_target=[40.0, None], ratio_vs_ga=2.9, final=[2.0, 3.6])  # faster, but one seed missed
+    table = bench.headline_markdown({"stories260k": rows})
+    assert "| **1.29x (2.400)** |" in table and "| 2.90x, 1/2 seeds missed (2.800) |" in table
