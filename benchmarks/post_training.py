@@ -28,9 +28,11 @@ loss every GA seed has reached (a mean would be missed by some of GA's own seeds
 target is "not reached". One machine-independent quantity (samples) is the headline; wall-clock is
 recorded per run but only quoted from interleaved step-cost runs on a quiet machine.
 
-Results: ``benchmarks/results/post_training/NAME/`` holds ``runs.json`` (one summary per run) and
-``curves.csv`` (every run's eval curve), which are committed, so ``--report-only`` re-makes
-``results.json``, the plots and the NAME section of ``docs/bench/post_training.md`` from a clone.
+Results: ``benchmarks/results/post_training/NAME/`` holds ``runs.json`` (one summary per run, with its CPU) and
+``curves.csv`` (every run's eval curve), which are committed, so ``--report-only``
+re-makes ``results.json``, the plots, the NAME section of ``docs/bench/post_training.md`` and the headline
+table of ``docs/BENCHMARKS.md`` (over every result set) from a clone. A run already in the committed
+``runs.json`` is not run again. ``--step-cost`` times each task of ``--tasks`` on its own micro-steps.
 """
 from __future__ import annotations
 
