@@ -653,8 +653,8 @@ def headline_markdown(sets: dict) -> str:
                      if (r["task"], r["regime"], r["schedule"], r["K"], r["family"]) == (task, regime, schedule, k, fam)}
             arms = {"pma": f"{fam}_pma", "pma-periodic": f"{fam}_pma-periodic", "ga": f"{fam}_ga", "plain": fam}
             # bold: the fastest arm among those whose every seed reached the target (a missed seed has no cost)
-            best = max((r.get("ratio_vs_ga", 0), arm) for arm, r in group.items()
-                       if None not in r["samples_to_target"])[1]
+            best = max(((r.get("ratio_vs_ga", 0), arm) for arm, r in group.items()
+                        if None not in r["samples_to_target"]), default=(0, None))[1]
             cells = []
             for column in HEADLINE_ARMS:
                 r = group.get(arms[column])
